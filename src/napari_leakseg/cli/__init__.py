@@ -1,0 +1,1 @@
+"""The ``leakseg`` command line. One module per subcommand, each with ``register(subparsers)``."""

@@ -1,0 +1,64 @@
+"""``leakseg``: command-line entry point.
+
+Subcommands live in their own modules (``napari_leakseg.cli.<name>``), each with
+``register(subparsers)`` that adds a parser whose ``func(args) -> int`` runs it.
+User errors (:class:`~napari_leakseg.core.errors.LeaksegError`) become one line
+on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..core.errors import JobCancelled, LeaksegError
+
+#: subcommand modules, in help order
+SUBCOMMANDS = ("segment", "membrane", "restore", "propagate", "apply", "export", "info", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leakseg",
+        description="Live-trained segmentation and restoration networks (napari-leakseg).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-leakseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(f"napari_leakseg.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"napari_leakseg.cli.{name}":
+                continue  # not built yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except LeaksegError as e:
+        print(f"leakseg {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except JobCancelled:
+        print(f"leakseg {args.command}: cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"leakseg {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"leakseg {args.command}: error: out of memory; use a .zarr input (processed tile by tile)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Shared mechanisms used by every capability (no napari, no Qt)."""

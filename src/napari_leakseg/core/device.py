@@ -1,0 +1,97 @@
+"""One device helper: ``auto`` picks cuda, then mps, then cpu."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import DeviceError
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def available_devices() -> list[str]:
+    """Devices usable on this machine, for dropdowns: always starts with 'auto', ends with 'cpu'."""
+    out = ["auto"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    if _mps_available():
+        out.append("mps")
+    out.append("cpu")
+    return out
+
+
+def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
+    """Turn a user choice into a ``torch.device``.
+
+    ``auto`` (or None) picks cuda, then mps, then cpu. An explicit choice that is
+    not available raises ``DeviceError`` naming what is available. ``cuda:1`` style
+    indices are accepted.
+    """
+    if isinstance(choice, torch.device):
+        choice = str(choice)
+    choice = (choice or "auto").strip().lower()
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    kind = choice.split(":")[0]
+    if kind not in DEVICE_CHOICES:
+        raise DeviceError(
+            f"unknown device {choice!r}; choose one of {', '.join(DEVICE_CHOICES)}"
+        )
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                "device 'cuda' was requested but no CUDA GPU is available "
+                f"(available: {', '.join(available_devices())})"
+            )
+        dev = torch.device(choice)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {choice!r} was requested but only {torch.cuda.device_count()} "
+                "CUDA device(s) exist"
+            )
+        return dev
+    if not _mps_available():
+        raise DeviceError(
+            "device 'mps' was requested but Apple MPS is not available "
+            f"(available: {', '.join(available_devices())})"
+        )
+    return torch.device("mps")
+
+
+def seed_everything(seed: int | None) -> torch.Generator | None:
+    """Seed torch and numpy-free generators deterministically; returns a CPU generator."""
+    if seed is None:
+        return None
+    torch.manual_seed(int(seed))
+    g = torch.Generator()
+    g.manual_seed(int(seed))
+    return g
+
+
+def device_info() -> dict:
+    """Versions, devices and thread counts (for ``leakseg info``)."""
+    info = {
+        "torch": torch.__version__,
+        "devices": available_devices(),
+        "auto": str(resolve_device("auto")),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        ]
+    return info

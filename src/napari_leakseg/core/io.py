@@ -1,0 +1,112 @@
+"""Read and write images/labels by extension: .tif/.tiff, .png/.jpg, .npy, .zarr.
+
+``imread`` returns numpy for small files and a lazy dask array for ``.zarr``.
+``imwrite`` never overwrites an existing path unless ``overwrite=True``, and
+writes to a temporary name first, renaming when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, OutputExistsError
+
+READ_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+WRITE_EXT = (".tif", ".tiff", ".png", ".npy", ".zarr")
+
+
+def _ext(path) -> str:
+    p = str(path).rstrip("/\\").lower()
+    for e in (".ome.zarr", ".zarr", ".ome.tif", ".ome.tiff"):
+        if p.endswith(e):
+            return ".zarr" if "zarr" in e else ".tif"
+    return os.path.splitext(p)[1]
+
+
+def imread(path, lazy: bool = True):
+    """Read an image or label file. ``.zarr`` gives a dask array (lazy) unless lazy=False."""
+    path = Path(path)
+    ext = _ext(path)
+    if not path.exists():
+        raise InputError(f"input {path} does not exist")
+    if ext not in READ_EXT:
+        raise InputError(f"cannot read {path}: unsupported extension {ext!r} (use {', '.join(READ_EXT)})")
+    if ext == ".zarr":
+        from ..zarr_io import read_zarr
+
+        arr = read_zarr(path)
+        return arr if lazy else np.asarray(arr)
+    if path.is_dir():
+        raise InputError(f"input {path} is a directory, not a {ext} file")
+    try:
+        if ext in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path)
+        if ext == ".npy":
+            return np.load(path, allow_pickle=False)
+        import imageio.v3 as iio
+
+        return np.asarray(iio.imread(path))
+    except Exception as e:
+        raise InputError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def check_output_path(path, overwrite: bool = False) -> Path:
+    """Raise a clear error for an output path that exists, or whose folder is missing/unwritable."""
+    path = Path(path)
+    ext = _ext(path)
+    if ext not in WRITE_EXT:
+        raise InputError(f"cannot write {path}: unsupported extension {ext!r} (use {', '.join(WRITE_EXT)})")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} exists; choose another name or pass --overwrite")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.exists():
+        raise OutputExistsError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputExistsError(f"output folder {parent} is not writable")
+    return path
+
+
+def imwrite(path, data, overwrite: bool = False, kind: str = "labels", **zarr_kw) -> Path:
+    """Write ``data`` atomically; ``kind`` ("labels" or "image") matters for .zarr and .png."""
+    path = check_output_path(path, overwrite)
+    ext = _ext(path)
+    if ext == ".zarr":
+        from ..zarr_io import write_ome_zarr
+
+        return write_ome_zarr(path, data, kind=kind, overwrite=overwrite, **zarr_kw)
+    arr = np.asarray(data)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        if ext in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, arr, compression="zlib")
+        elif ext == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, arr, allow_pickle=False)
+        else:  # png
+            import imageio.v3 as iio
+
+            if arr.dtype.kind == "f":
+                if kind == "labels":
+                    raise InputError("PNG cannot hold float labels; use .tif, .npy or .zarr")
+                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+            elif arr.dtype.kind in "iu" and arr.max(initial=0) > 65535:
+                raise InputError("PNG holds at most 16-bit values; use .tif, .npy or .zarr")
+            elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 2:
+                arr = arr.astype(np.uint16 if arr.max(initial=0) > 255 else np.uint8)
+            iio.imwrite(tmp, arr, extension=".png")
+        if path.exists() and overwrite:
+            if path.is_dir():
+                shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

@@ -27,8 +27,13 @@ def _ext(path) -> str:
     return os.path.splitext(p)[1]
 
 
-def imread(path, lazy: bool = True):
-    """Read an image or label file. ``.zarr`` gives a dask array (lazy) unless lazy=False."""
+def imread(path, lazy: bool = True, mmap: bool = False, prefer: str = "labels"):
+    """Read an image or label file. ``.zarr`` gives a dask array (lazy) unless lazy=False.
+
+    ``mmap``: memory-map ``.npy`` files (read-only; pages are loaded on access), so
+    huge ``.npy`` inputs can be converted chunk by chunk. ``prefer``: for a zarr
+    store holding both, return the ``"labels"`` (default) or the ``"image"`` array.
+    """
     path = Path(path)
     ext = _ext(path)
     if not path.exists():
@@ -38,7 +43,7 @@ def imread(path, lazy: bool = True):
     if ext == ".zarr":
         from ..zarr_io import read_zarr
 
-        arr = read_zarr(path)
+        arr = read_zarr(path, prefer=prefer)
         return arr if lazy else np.asarray(arr)
     if path.is_dir():
         raise InputError(f"input {path} is a directory, not a {ext} file")
@@ -48,7 +53,7 @@ def imread(path, lazy: bool = True):
 
             return tifffile.imread(path)
         if ext == ".npy":
-            return np.load(path, allow_pickle=False)
+            return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
         import imageio.v3 as iio
 
         return np.asarray(iio.imread(path))

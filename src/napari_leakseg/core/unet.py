@@ -19,7 +19,7 @@ def _norm(kind: str, ch: int) -> nn.Module:
 
 
 class ConvBlock(nn.Sequential):
-    def __init__(self, cin: int, cout: int, norm: str = "group"):
+    def __init__(self, cin: int, cout: int, norm: str = "batch"):
         super().__init__(
             nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1), _norm(norm, cout), nn.ReLU(inplace=True),
@@ -31,10 +31,15 @@ class UNet(nn.Module):
 
     ``forward`` returns ``out_channels`` maps; ``features`` returns the last
     decoder features (``base`` channels, full resolution) for heads that need them.
+
+    The default BatchNorm uses running statistics in eval mode, so prediction is
+    local and tiled inference matches untiled inference. GroupNorm/InstanceNorm
+    normalise over the whole input and break that equality; avoid them for
+    models that are applied tiled.
     """
 
     def __init__(self, in_channels: int = 1, out_channels: int = 1, base: int = 16,
-                 depth: int = 3, norm: str = "group"):
+                 depth: int = 3, norm: str = "batch"):
         super().__init__()
         self.arch = dict(in_channels=in_channels, out_channels=out_channels, base=base,
                          depth=depth, norm=norm)

@@ -1,0 +1,1 @@
+"""Thin napari widgets, one per capability, all built on ``base.JobWidget``."""

@@ -1,0 +1,868 @@
+"""Reference-annotation-assisted membrane segmentation (plain torch/numpy).
+
+The idea (Kato & Hotta, "One-shot and Partially-Supervised Cell Image
+Segmentation Using Small Visual Prompt", CVPRW 2023): annotated images are not
+forgotten after training; they are *references* at prediction time.
+
+* A shared U-Net (``core.unet.UNet``) embeds the target and the reference crops.
+* Every target pixel attends (softmax of scaled cosine similarity of the
+  embeddings) over sampled pixels of a reference crop; the attention-weighted
+  average of the reference's membrane labels is a membrane probability.
+* This is fused with a plain segmentation head::
+
+      logit = seg_head(features) + w * logit(p_attention)
+
+  ``w`` and the softmax temperature are learned. The *baseline* is the same
+  network with ``use_reference=False``: encoder + seg head only, trained with
+  the same budget (crops, batches, steps).
+* Training is episodic: the target crop and its reference crop come from
+  different images (or different crops of one image), each augmented
+  independently (flips, rot90, elastic deformation, intensity changes).
+* At prediction, the reference images are cut into crops; for each target tile
+  the ``n_refs`` most similar crops (cosine similarity of mean embeddings) are
+  retrieved and their attention outputs averaged. A compact *reference bank*
+  (sampled key embeddings + labels of every crop) of the training images is
+  saved with the model, so a saved model predicts without extra inputs.
+* Optional feedback refinement (``feedback=True``): the membrane probability is
+  fed back as a second input channel and the network runs again.
+
+Outputs: probability map, binary membrane mask and cell instances (watershed of
+the probability seeded by non-membrane components, with a minimum size).
+
+Label convention: pixels equal to ``membrane_value`` are membrane. With
+``membrane_value != 0`` (napari style, e.g. 1 = membrane, 2 = cell), 0 is
+*unlabeled* and ignored; with ``membrane_value == 0`` (ISBI 2012 style,
+0 = membrane, 255 = cell) every pixel is labelled.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from torch import nn
+
+from .core import store
+from .core.device import resolve_device, seed_everything
+from .core.errors import InputError, JobCancelled, LeaksegError, ModelFileError
+from .core.jobs import Progress, Throttle, run_job
+from .core.labels import check_labels
+from .core.normalize import check_image, normalize, percentile_range
+from .core.predictor import Predictor
+from .core.tiling import iter_tiled, pad_to_multiple
+from .core.unet import UNet
+
+CAPABILITY = "membrane"
+
+DEFAULT_ARCH = dict(base=16, depth=3, norm="group", use_reference=True, feedback=False,
+                    emb_dim=16, keys_per_ref=128, attn_stride=2)
+
+_EPS = 1e-4
+_MAX_SCALE = 40.0
+
+__all__ = [
+    "MembraneNet",
+    "ReferenceBank",
+    "MembranePredictor",
+    "TrainedMembrane",
+    "membrane_mask_from_labels",
+    "prepare_references",
+    "iter_train_membrane",
+    "train_membrane",
+    "iter_predict_membrane",
+    "predict_membrane",
+    "cells_from_probability",
+    "predictor_from_model",
+    "load_model",
+]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: torch.Tensor,
+           chunk: int = 16384) -> torch.Tensor:
+    """Attention-averaged reference labels.
+
+    q:    (B, N, E) L2-normalised target embeddings (N pixels)
+    keys: (B, R, K, E) L2-normalised reference embeddings (R references, K pixels each)
+    vals: (B, R, K) reference membrane labels in [0, 1] (NaN-free)
+    Returns (B, N): for each target pixel, the mean over the R references of the
+    softmax(scale * q·k)-weighted average of that reference's labels.
+    """
+    B, N, E = q.shape
+    R, K = keys.shape[1], keys.shape[2]
+    kf = keys.reshape(B, R * K, E).transpose(1, 2)
+    scale = scale.clamp(max=_MAX_SCALE)
+    # block-diagonal [labels | ones] so numerator and denominator per reference are one matmul
+    eye = torch.eye(R, dtype=q.dtype, device=q.device)
+    vblk = (vals[:, :, :, None] * eye[None, :, None, :]).reshape(B, R * K, R)
+    oblk = eye[:, None, :].expand(R, K, R).reshape(1, R * K, R).expand(B, -1, -1)
+    W = torch.cat([vblk, oblk], -1)  # B, R*K, 2R
+    out = []
+    grad = torch.is_grad_enabled()
+    for s in range(0, N, chunk):
+        sim = torch.bmm(q[:, s:s + chunk], kf)  # B, n, R*K; cosine in [-1, 1]
+        # exp(scale * (cos - 1)) never overflows and (scale <= 40) never underflows to 0
+        if grad:
+            ex = torch.exp((sim - 1) * scale)
+        else:
+            ex = sim.sub_(1).mul_(scale).exp_()
+        nd = torch.bmm(ex, W)
+        out.append((nd[..., :R] / nd[..., R:].clamp_min(1e-30)).mean(-1))
+    return torch.cat(out, 1)
+
+
+class MembraneNet(nn.Module):
+    """Shared U-Net encoder + seg head, optionally fused with reference attention.
+
+    ``use_reference=False`` is the no-reference baseline (identical U-Net and
+    head). ``feedback=True`` adds an input channel holding a previous
+    membrane probability (zeros on the first pass).
+    """
+
+    def __init__(self, base: int = 16, depth: int = 3, norm: str = "group",
+                 use_reference: bool = True, feedback: bool = False, emb_dim: int = 16,
+                 keys_per_ref: int = 128, attn_stride: int = 2):
+        super().__init__()
+        self.arch = dict(base=base, depth=depth, norm=norm, use_reference=bool(use_reference),
+                         feedback=bool(feedback), emb_dim=emb_dim, keys_per_ref=keys_per_ref,
+                         attn_stride=int(attn_stride))
+        self.attn_stride = int(attn_stride)
+        self.use_reference = bool(use_reference)
+        self.feedback = bool(feedback)
+        self.keys_per_ref = int(keys_per_ref)
+        self.unet = UNet(in_channels=2 if feedback else 1, out_channels=1, base=base,
+                         depth=depth, norm=norm)
+        if self.use_reference:
+            self.proj = nn.Conv2d(base, emb_dim, 1)
+            self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+            self.fuse = nn.Parameter(torch.tensor(1.0))
+
+    @property
+    def multiple(self) -> int:
+        return self.unet.multiple
+
+    @property
+    def in_channels(self) -> int:
+        return 2 if self.feedback else 1
+
+    def _input(self, x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
+        if not self.feedback:
+            return x
+        if prev is None:
+            prev = torch.zeros_like(x)
+        return torch.cat([x, prev], 1)
+
+    def encode(self, x: torch.Tensor, prev: Optional[torch.Tensor] = None):
+        """(B,1,H,W) → features (B,base,H,W) and normalised embeddings (B,E,H,W) or None."""
+        f = self.unet.features(self._input(x, prev))
+        e = F.normalize(self.proj(f), dim=1) if self.use_reference else None
+        return f, e
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.unet.head(f)
+
+    def fuse_logits(self, f: torch.Tensor, e: Optional[torch.Tensor], keys=None, vals=None):
+        """Fused logits (B,1,H,W) and the attention probability (B,1,H,W) or None."""
+        logit = self.head(f)
+        if not self.use_reference or keys is None:
+            return logit, None
+        B, E, H, W = e.shape
+        st = self.attn_stride
+        # queries on a stride-`st` grid (pooled embeddings), keys are full-resolution pixels
+        eq = F.normalize(F.avg_pool2d(e, st), dim=1) if st > 1 else e
+        h, w = eq.shape[-2:]
+        q = eq.flatten(2).transpose(1, 2)
+        p = attend(q, keys, vals, self.log_scale.exp()).view(B, 1, h, w)
+        if st > 1:
+            p = F.interpolate(p, size=(H, W), mode="bilinear", align_corners=False)
+        pc = p.clamp(_EPS, 1 - _EPS)
+        return logit + self.fuse * (torch.log(pc) - torch.log1p(-pc)), p
+
+    def forward(self, x, keys=None, vals=None, prev=None):
+        f, e = self.encode(x, prev)
+        return self.fuse_logits(f, e, keys, vals)[0]
+
+
+def sample_keys(emb: torch.Tensor, lab: torch.Tensor, k: int, generator=None):
+    """Class-balanced key sampling from one reference.
+
+    emb: (E, H, W); lab: (H, W) float with 1 = membrane, 0 = cell, NaN = unlabeled.
+    Returns keys (k, E), vals (k,). Half the keys are membrane pixels, half cell.
+    """
+    E = emb.shape[0]
+    flat = emb.reshape(E, -1)
+    lf = lab.reshape(-1)
+    mem = torch.nonzero(lf == 1).flatten()
+    cel = torch.nonzero(lf == 0).flatten()
+    idx = []
+    for pool, n in ((mem, k // 2), (cel, k - k // 2)):
+        if pool.numel() == 0:
+            pool = torch.nonzero(torch.isfinite(lf)).flatten()
+        sel = torch.randint(0, pool.numel(), (n,), generator=generator)
+        idx.append(pool[sel])
+    idx = torch.cat(idx)
+    return flat[:, idx].t().contiguous(), lf[idx].contiguous()
+
+
+# --------------------------------------------------------------------------- labels / inputs
+
+
+def membrane_mask_from_labels(lab, membrane_value: int = 1, name: str = "labels") -> np.ndarray:
+    """float32 map: 1 = membrane, 0 = cell, NaN = unlabeled (only when membrane_value != 0)."""
+    a = check_labels(lab, name=name)
+    mv = int(membrane_value)
+    out = np.where(a == mv, 1.0, 0.0).astype(np.float32)
+    if mv != 0:
+        out[a == 0] = np.nan
+    return out
+
+
+def _check_fractions(m: np.ndarray, name: str, raw, membrane_value: int) -> None:
+    labelled = np.isfinite(m)
+    n = int(labelled.sum())
+    if n == 0:
+        raise InputError(f"{name} has no labelled pixels (all 0 = unlabeled)")
+    nm = int(np.nansum(m))
+    vals = np.unique(np.asarray(raw))[:8]
+    if nm == 0:
+        raise InputError(
+            f"{name} has no membrane pixels (value {membrane_value}); values present: "
+            f"{', '.join(str(int(v)) for v in vals)}. Set the membrane value (e.g. 0 for ISBI-style 0/255 labels)"
+        )
+    if nm == n:
+        raise InputError(
+            f"{name} is only membrane (every labelled pixel is {membrane_value}); "
+            "references need both membrane and cell pixels"
+        )
+
+
+def _as_slices(images, labels, what: str):
+    """Turn lists of 2D arrays / 3D stacks into matched lists of 2D (image, label) slices.
+
+    In a stack, slices whose labels are constant (unannotated) are skipped.
+    """
+    if images is None or labels is None:
+        raise InputError(f"no {what} given: at least 1 image with its labels is needed")
+    if isinstance(images, np.ndarray) or hasattr(images, "shape"):
+        images = [images]
+    if isinstance(labels, np.ndarray) or hasattr(labels, "shape"):
+        labels = [labels]
+    images, labels = list(images), list(labels)
+    if len(images) == 0:
+        raise InputError(f"fewer than 1 {what} image: at least one annotated image is needed")
+    if len(images) != len(labels):
+        raise InputError(f"{len(images)} {what} images but {len(labels)} label images; they must pair up")
+    out = []
+    for i, (im, lb) in enumerate(zip(images, labels)):
+        check_image(im, name=f"{what} image {i}")
+        im = np.asarray(im)
+        lb = np.asarray(lb)
+        if im.ndim == 3 and im.shape[-1] in (3, 4) and lb.ndim == 2:
+            im = im[..., :3].mean(-1)
+        if im.shape != lb.shape:
+            raise InputError(
+                f"{what} image {i} has shape {im.shape} but its labels have shape {lb.shape}; they must match"
+            )
+        if im.ndim == 2:
+            out.append((im, lb, f"{what} labels {i}"))
+        elif im.ndim == 3:
+            kept = 0
+            for z in range(im.shape[0]):
+                if lb[z].min() == lb[z].max():
+                    continue
+                out.append((im[z], lb[z], f"{what} labels {i} slice {z}"))
+                kept += 1
+            if kept == 0:
+                raise InputError(f"{what} stack {i} has no annotated slice (every slice's labels are constant)")
+        else:
+            raise InputError(f"{what} image {i} must be 2D or a 3D stack; got shape {im.shape}")
+    return out
+
+
+def prepare_references(images, labels, membrane_value: int = 1, what: str = "reference"):
+    """Validate and normalise annotated images.
+
+    Returns a list of (normalised float32 image (Y, X), mask float32 with NaN = unlabeled)
+    and a list of per-image raw intensity ranges (for scale warnings).
+    """
+    pairs = []
+    ranges = []
+    for im, lb, name in _as_slices(images, labels, what):
+        m = membrane_mask_from_labels(lb, membrane_value, name=name)
+        _check_fractions(m, name, lb, membrane_value)
+        ranges.append(percentile_range(im))
+        pairs.append((normalize(im), m))
+    return pairs, ranges
+
+
+def intensity_scale_warning(target_range, ref_ranges, factor: float = 4.0) -> Optional[str]:
+    """A warning text when the target's intensity range differs a lot from the references'."""
+    if not ref_ranges:
+        return None
+    t = max(target_range[1] - target_range[0], 1e-8)
+    r = float(np.median([max(h - lo, 1e-8) for lo, h in ref_ranges]))
+    if t / r > factor or r / t > factor:
+        return (f"the target's intensity range ({t:.3g}) differs from the references' ({r:.3g}) "
+                f"by more than {factor:g}x; both are percentile-normalised, but check they are the same kind of image")
+    return None
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _elastic(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, alpha: float = 6.0,
+             grid: int = 4):
+    h, w = img.shape
+    coarse = rng.normal(0, alpha, (2, grid, grid))
+    dy = ndi.zoom(coarse[0], (h / grid, w / grid), order=3)[:h, :w]
+    dx = ndi.zoom(coarse[1], (h / grid, w / grid), order=3)[:h, :w]
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    coords = [yy + dy, xx + dx]
+    img2 = ndi.map_coordinates(img, coords, order=1, mode="reflect")
+    lab_f = np.nan_to_num(lab, nan=-1.0)
+    lab2 = ndi.map_coordinates(lab_f, coords, order=0, mode="reflect")
+    lab2 = np.where(lab2 < 0, np.nan, lab2).astype(np.float32)
+    return img2.astype(np.float32), lab2
+
+
+def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, elastic: bool = True):
+    """Flips, rot90, elastic deformation (p=0.5) and intensity changes (gamma, contrast, noise)."""
+    k = int(rng.integers(4))
+    img, lab = np.rot90(img, k), np.rot90(lab, k)
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    lab = np.ascontiguousarray(lab, dtype=np.float32)
+    if elastic and rng.random() < 0.5:
+        img, lab = _elastic(img, lab, rng)
+    # intensity: gamma on [0,1], contrast/brightness, noise
+    x = np.clip(img, 0, 1)
+    x = x ** float(np.exp(rng.normal(0, 0.25)))
+    x = x * float(rng.uniform(0.8, 1.2)) + float(rng.normal(0, 0.08))
+    if rng.random() < 0.3:
+        x = x + rng.normal(0, rng.uniform(0.0, 0.06), x.shape).astype(np.float32)
+    return x.astype(np.float32), lab
+
+
+def _random_crop(img, lab, size, rng):
+    h, w = img.shape
+    if h < size or w < size:
+        py, px = max(0, size - h), max(0, size - w)
+        mode = "reflect" if (py < h and px < w) else "edge"
+        img = np.pad(img, ((0, py), (0, px)), mode=mode)
+        lab = np.pad(lab, ((0, py), (0, px)), constant_values=np.nan)
+        h, w = img.shape
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    return img[y:y + size, x:x + size], lab[y:y + size, x:x + size], (y, x)
+
+
+# --------------------------------------------------------------------------- reference bank
+
+
+@dataclass
+class ReferenceBank:
+    """Per-crop key embeddings + labels, and each crop's mean embedding for retrieval."""
+
+    keys: torch.Tensor   # (M, K, E)
+    vals: torch.Tensor   # (M, K)
+    means: torch.Tensor  # (M, E) L2-normalised
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def state(self) -> dict:
+        return {"bank.keys": self.keys.cpu(), "bank.vals": self.vals.cpu(), "bank.means": self.means.cpu()}
+
+    @classmethod
+    def from_state(cls, sd: dict) -> Optional["ReferenceBank"]:
+        if "bank.keys" not in sd:
+            return None
+        return cls(sd["bank.keys"].float(), sd["bank.vals"].float(), sd["bank.means"].float())
+
+    def retrieve(self, mean_emb: torch.Tensor, n: int):
+        """Indices of the ``n`` crops whose mean embedding is most similar to ``mean_emb`` (E,)."""
+        sims = self.means @ F.normalize(mean_emb, dim=0)
+        n = min(int(n), len(self))
+        return torch.topk(sims, n).indices
+
+
+def _crop_grid(h: int, w: int, size: int):
+    ys = list(range(0, max(1, h - size + 1), size)) or [0]
+    xs = list(range(0, max(1, w - size + 1), size)) or [0]
+    if ys[-1] + size < h:
+        ys.append(h - size)
+    if xs[-1] + size < w:
+        xs.append(w - size)
+    return [(y, x) for y in ys for x in xs]
+
+
+@torch.no_grad()
+def build_bank(model: MembraneNet, pairs, device, crop: int = 128, keys_per_ref: Optional[int] = None,
+               seed: int = 0, max_crops: int = 512) -> ReferenceBank:
+    """Encode every annotated image once and sample keys from each ``crop``×``crop`` crop."""
+    if not model.use_reference:
+        raise LeaksegError("this model has no reference head; references are not used")
+    k = int(keys_per_ref or model.keys_per_ref)
+    g = torch.Generator().manual_seed(int(seed))
+    model.eval()
+    keys, vals, means = [], [], []
+    for img, m in pairs:
+        x, (h, w) = pad_to_multiple(img[None], model.multiple)
+        xt = torch.from_numpy(np.ascontiguousarray(x))[None].to(device)
+        if model.feedback:  # reference embeddings from the first (no-feedback) pass, like at training
+            pass
+        _, e = model.encode(xt)
+        e = e[0, :, :h, :w].cpu()
+        mt = torch.from_numpy(m)
+        c = min(crop, h, w)
+        for (y, x0) in _crop_grid(h, w, c):
+            lab = mt[y:y + c, x0:x0 + c]
+            fin = torch.isfinite(lab)
+            if fin.sum() < 16 or (lab[fin] == 1).sum() == 0 or (lab[fin] == 0).sum() == 0:
+                continue
+            emb = e[:, y:y + c, x0:x0 + c]
+            kk, vv = sample_keys(emb, lab, k, g)
+            keys.append(kk)
+            vals.append(vv)
+            means.append(F.normalize(emb.mean((1, 2)), dim=0))
+    if not keys:
+        raise InputError("no reference crop has both membrane and cell pixels; annotate more of the references")
+    if len(keys) > max_crops:  # keep the bank bounded: evenly spaced subset
+        sel = np.linspace(0, len(keys) - 1, max_crops).round().astype(int)
+        keys, vals, means = [keys[i] for i in sel], [vals[i] for i in sel], [means[i] for i in sel]
+    return ReferenceBank(torch.stack(keys), torch.stack(vals), torch.stack(means))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _loss(logit, target, weight):
+    """BCE + soft Dice on labelled pixels (weight 0 = unlabeled)."""
+    bce = F.binary_cross_entropy_with_logits(logit, target, weight=weight, reduction="sum")
+    bce = bce / weight.sum().clamp_min(1)
+    p = torch.sigmoid(logit) * weight
+    t = target * weight
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    return bce + dice
+
+
+@dataclass
+class TrainedMembrane:
+    """A trained model, its metadata and (for reference models) its reference bank."""
+
+    model: MembraneNet
+    metadata: dict
+    bank: Optional[ReferenceBank] = None
+    history: list = field(default_factory=list)
+    cancelled: bool = False
+
+    def state_dict(self) -> dict:
+        sd = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if self.bank is not None:
+            sd.update(self.bank.state())
+        return sd
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        return store.save(self.state_dict(), path, self.metadata, overwrite=overwrite)
+
+
+def _metadata(arch: dict, train: dict, membrane_value: int) -> dict:
+    return {
+        "capability": CAPABILITY,
+        "arch": dict(arch),
+        "train": dict(train),
+        "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
+        "membrane_value": int(membrane_value),
+        "output": "membrane probability (1 = membrane)",
+    }
+
+
+def iter_train_membrane(
+    images,
+    labels,
+    *,
+    membrane_value: int = 1,
+    use_reference: bool = True,
+    feedback: bool = False,
+    epochs: int = 10,
+    steps_per_epoch: int = 40,
+    batch_size: int = 4,
+    crop: int = 128,
+    lr: float = 2e-3,
+    base: int = 16,
+    depth: int = 3,
+    emb_dim: int = 16,
+    keys_per_ref: int = 128,
+    aux_weight: float = 0.5,
+    elastic: bool = True,
+    seed: int = 0,
+    device="auto",
+    init: Optional["TrainedMembrane"] = None,
+    time_limit: Optional[float] = None,
+):
+    """Episodic training job. Yields Progress (loss, epoch); returns a :class:`TrainedMembrane`.
+
+    ``init`` fine-tunes a loaded model (its architecture wins). Cancelling
+    returns the best model so far (lowest epoch loss), with its reference bank.
+    ``time_limit`` (s) stops early (still returning a full model).
+    """
+    dev = resolve_device(device)
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+    tg = torch.Generator().manual_seed(int(seed) + 1)
+    pairs, _ = prepare_references(images, labels, membrane_value, what="training")
+    crop = int(crop)
+    if init is not None:
+        model = copy.deepcopy(init.model)
+        arch = dict(model.arch)
+    else:
+        arch = dict(base=base, depth=depth, norm="group", use_reference=use_reference,
+                    feedback=feedback, emb_dim=emb_dim, keys_per_ref=keys_per_ref)
+        model = MembraneNet(**arch)
+    mult = model.multiple
+    crop = max(mult, crop - crop % mult)
+    model.to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    total = int(epochs) * int(steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2),
+                                                pct_start=0.15)
+    train_params = dict(epochs=int(epochs), steps_per_epoch=int(steps_per_epoch),
+                        batch_size=int(batch_size), crop=crop, lr=lr, aux_weight=aux_weight,
+                        elastic=bool(elastic), seed=int(seed), n_images=len(pairs),
+                        fine_tuned=init is not None)
+    meta = _metadata(arch, train_params, membrane_value)
+    n = len(pairs)
+    best_state, best_loss = None, math.inf
+    history = []
+    throttle = Throttle(0.5)
+    t0 = time.perf_counter()
+    cancelled = False
+    step = 0
+
+    def batch():
+        xs, ys, rx, ry = [], [], [], []
+        for _ in range(batch_size):
+            i = int(rng.integers(n))
+            img, lab, _ = _random_crop(*pairs[i], crop, rng)
+            a, b = augment(img, lab, rng, elastic)
+            xs.append(a)
+            ys.append(b)
+            if model.use_reference:
+                j = int(rng.choice([q for q in range(n) if q != i])) if n > 1 else i
+                for _try in range(10):  # a reference crop with both classes
+                    rimg, rlab, _ = _random_crop(*pairs[j], crop, rng)
+                    if np.nansum(rlab) > 0 and np.nansum(1 - rlab) > 0:
+                        break
+                a, b = augment(rimg, rlab, rng, elastic)
+                rx.append(a)
+                ry.append(b)
+        xt = torch.from_numpy(np.stack(xs)[:, None]).to(dev)
+        yt = torch.from_numpy(np.stack(ys)[:, None]).to(dev)
+        if rx:
+            rxt = torch.from_numpy(np.stack(rx)[:, None]).to(dev)
+            ryt = torch.from_numpy(np.stack(ry))
+        else:
+            rxt = ryt = None
+        return xt, yt, rxt, ryt
+
+    def step_loss(xt, yt, rxt, ryt):
+        w = torch.isfinite(yt).float()
+        y = torch.nan_to_num(yt, nan=0.0)
+        keys = vals = None
+        if model.use_reference:
+            _, re = model.encode(rxt)
+            kv = [sample_keys(re[b], ryt[b].to(re.device), model.keys_per_ref, tg) for b in range(re.shape[0])]
+            keys = torch.stack([k for k, _ in kv])[:, None]
+            vals = torch.stack([v for _, v in kv])[:, None].to(re.device)
+        passes = 2 if model.feedback else 1
+        prev = None
+        loss = 0.0
+        for _ in range(passes):
+            f, e = model.encode(xt, prev)
+            logit, p = model.fuse_logits(f, e, keys, vals)
+            loss = loss + _loss(logit, y, w)
+            if p is not None and aux_weight > 0:
+                loss = loss + aux_weight * (F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), y, weight=w,
+                                                                   reduction="sum") / w.sum().clamp_min(1))
+            prev = torch.sigmoid(logit).detach()
+        return loss / passes
+
+    try:
+        for ep in range(int(epochs)):
+            ep_losses = []
+            for _ in range(int(steps_per_epoch)):
+                xt, yt, rxt, ryt = batch()
+                loss = step_loss(xt, yt, rxt, ryt)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                lv = float(loss.detach())
+                ep_losses.append(lv)
+                if throttle():
+                    yield Progress(step, total, f"epoch {ep + 1}/{epochs} step {step}/{total} loss {lv:.4f}",
+                                   metrics={"loss": lv, "epoch": ep + 1, "step": step})
+                if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                    break
+            el = float(np.mean(ep_losses))
+            history.append({"epoch": ep + 1, "loss": el, "seconds": time.perf_counter() - t0})
+            if el < best_loss:
+                best_loss = el
+                best_state = copy.deepcopy(model.state_dict())
+            yield Progress(step, total, f"epoch {ep + 1}/{epochs} loss {el:.4f}",
+                           metrics={"loss": el, "epoch": ep + 1, "step": step, "best_loss": best_loss})
+            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                break
+    except JobCancelled:
+        cancelled = True
+    if best_state is not None and (cancelled or True):
+        # keep the best epoch (lowest mean loss); the last epoch is usually the best with OneCycle
+        model.load_state_dict(best_state)
+    model.eval()
+    meta["train"].update(steps_done=step, seconds=round(time.perf_counter() - t0, 2),
+                         best_loss=None if best_loss == math.inf else best_loss, cancelled=cancelled)
+    bank = None
+    if model.use_reference:
+        bank = build_bank(model, pairs, dev, crop=crop, seed=seed)
+    return TrainedMembrane(model.cpu() if dev.type != "cpu" else model, meta, bank, history, cancelled)
+
+
+def train_membrane(images, labels, callback=None, **kw) -> TrainedMembrane:
+    """Train (see :func:`iter_train_membrane`) and return the :class:`TrainedMembrane`."""
+    res = run_job(iter_train_membrane(images, labels, **kw), callback)
+    if res.value is None:
+        raise JobCancelled()
+    return res.value
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def load_model(path_or_state, metadata: Optional[dict] = None) -> TrainedMembrane:
+    """A :class:`TrainedMembrane` from a model file (checked to be a membrane model) or (state, meta)."""
+    if metadata is None:
+        sd, meta = store.load(path_or_state, capability=CAPABILITY)
+    else:
+        sd, meta = dict(path_or_state), dict(metadata)
+        if meta.get("capability") != CAPABILITY:
+            raise ModelFileError(f"this is a {meta.get('capability')!r} model, not a 'membrane' model")
+    arch = {k: v for k, v in meta.get("arch", {}).items() if k in DEFAULT_ARCH}
+    model = MembraneNet(**arch)
+    wsd = {k: v for k, v in sd.items() if not k.startswith("bank.")}
+    try:
+        model.load_state_dict(wsd)
+    except RuntimeError as e:
+        raise ModelFileError(f"model weights do not match the membrane architecture: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return TrainedMembrane(model, meta, ReferenceBank.from_state(sd))
+
+
+class MembranePredictor:
+    """Runs a trained model on 2D images with (retrieved, averaged) references.
+
+    ``references(images, labels)`` replaces the bank (the model's saved
+    training references are used otherwise). ``probability(image)`` returns the
+    membrane probability (Y, X) float32, tiled for large images.
+    """
+
+    def __init__(self, trained: TrainedMembrane, device="auto", n_refs: int = 4,
+                 feedback_iters: Optional[int] = None, tile: int = 512, overlap: int = 32):
+        self.trained = trained
+        self.device = resolve_device(device)
+        self.model = trained.model.to(self.device).eval()
+        self.bank = trained.bank
+        self.n_refs = int(n_refs)
+        if self.n_refs < 1:
+            raise InputError("n_refs must be at least 1")
+        self.feedback_iters = (1 if self.model.feedback else 0) if feedback_iters is None else int(feedback_iters)
+        if self.feedback_iters > 0 and not self.model.feedback:
+            raise InputError("this model was trained without feedback; set feedback iterations to 0")
+        self.tile = int(tile)
+        self.overlap = int(overlap)
+        self.ref_ranges: list = []
+        self.seed = int(trained.metadata.get("train", {}).get("seed", 0))
+
+    def set_references(self, images, labels, membrane_value: Optional[int] = None, crop: int = 128):
+        if not self.model.use_reference:
+            return self
+        mv = self.trained.metadata.get("membrane_value", 1) if membrane_value is None else membrane_value
+        pairs, self.ref_ranges = prepare_references(images, labels, mv)
+        self.bank = build_bank(self.model, pairs, self.device, crop=crop, seed=self.seed)
+        return self
+
+    @torch.no_grad()
+    def tile_fn(self, tile: np.ndarray) -> np.ndarray:
+        """Normalised (C, h, w) tile → (1, h, w) membrane probability."""
+        m = self.model
+        x, (h, w) = pad_to_multiple(np.asarray(tile[:1], np.float32), m.multiple)
+        xt = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device)
+        keys = vals = None
+        prev = None
+        for it in range(1 + self.feedback_iters):
+            f, e = m.encode(xt, prev)
+            if m.use_reference:
+                if self.bank is None:
+                    raise InputError("no references: give reference images with labels (the model has none saved)")
+                if it == 0 or keys is None:
+                    idx = self.bank.retrieve(e[0, :, :h, :w].mean((1, 2)).cpu(), self.n_refs)
+                    keys = self.bank.keys[idx][None].to(self.device)
+                    vals = self.bank.vals[idx][None].to(self.device)
+            logit, _ = m.fuse_logits(f, e, keys, vals)
+            prev = torch.sigmoid(logit)
+        return prev[0, :, :h, :w].float().cpu().numpy()
+
+    def iter_probability(self, image, lohi=None):
+        """Job: (Y, X) image (numpy/dask/zarr) → probability (Y, X) float32, tiled in bounded memory."""
+        check_image(image, name="target image")
+        if image.ndim != 2:
+            raise InputError(f"expected a 2D target image; got shape {tuple(image.shape)}")
+        if lohi is None:
+            lohi = percentile_range(image)
+        if self.ref_ranges:
+            msg = intensity_scale_warning(lohi, self.ref_ranges)
+            if msg:
+                warnings.warn(msg, stacklevel=2)
+        pre = lambda t: normalize(t, lohi=lohi)  # noqa: E731
+        out = yield from iter_tiled(self.tile_fn, image[None], tile=self.tile, overlap=self.overlap,
+                                    preprocess=pre)
+        return out[0]
+
+    def probability(self, image, lohi=None) -> np.ndarray:
+        return run_job(self.iter_probability(image, lohi)).value
+
+
+def cells_from_probability(prob: np.ndarray, threshold: float = 0.5, min_size: int = 30,
+                           smooth: float = 1.0, membrane_background: bool = False) -> np.ndarray:
+    """Cell instances: watershed of the (smoothed) probability from non-membrane seeds.
+
+    Seeds are connected components of ``prob < threshold`` with at least
+    ``min_size`` pixels; every pixel is flooded to a seed (smaller regions merge
+    into a neighbour). ``membrane_background`` sets membrane pixels to 0.
+    """
+    from skimage.segmentation import watershed
+
+    p = ndi.gaussian_filter(np.asarray(prob, np.float32), smooth) if smooth > 0 else np.asarray(prob, np.float32)
+    seeds, nseeds = ndi.label(p < threshold)
+    if nseeds == 0:
+        return np.zeros(p.shape, np.uint32)
+    sizes = np.bincount(seeds.ravel())
+    keep = sizes >= max(1, int(min_size))
+    keep[0] = False
+    lut = np.zeros(sizes.size, np.int64)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1)
+    seeds = lut[seeds]
+    if seeds.max() == 0:
+        return np.zeros(p.shape, np.uint32)
+    cells = watershed(p, seeds).astype(np.uint32)
+    if membrane_background:
+        cells[np.asarray(prob) >= threshold] = 0
+    return cells
+
+
+def _as_target_slices(images):
+    if isinstance(images, (list, tuple)):
+        return [(np.asarray(im) if not hasattr(im, "chunks") else im) for im in images], False
+    shape = getattr(images, "shape", None)
+    if shape is None:
+        raise InputError("target image must be an array")
+    if len(shape) == 2:
+        return [images], False
+    if len(shape) == 3 and shape[-1] in (3, 4) and shape[0] > 4:
+        return [np.asarray(images)[..., :3].mean(-1)], False
+    if len(shape) == 3:
+        return [images[z] for z in range(shape[0])], True
+    raise InputError(f"target must be a 2D image or a 3D stack; got shape {tuple(shape)}")
+
+
+def iter_predict_membrane(model, images, ref_images=None, ref_labels=None, *,
+                          membrane_value: Optional[int] = None, n_refs: int = 4,
+                          feedback_iters: Optional[int] = None, threshold: float = 0.5,
+                          min_size: int = 30, membrane_background: bool = False,
+                          device="auto", tile: int = 512):
+    """Job: predict a 2D image or a stack slice by slice.
+
+    ``model``: a :class:`TrainedMembrane`, a model path, or a ``MembranePredictor``.
+    References (``ref_images``/``ref_labels``) replace the model's saved ones.
+    Returns a dict with ``probability`` (float32), ``membrane`` (uint8 0/1) and
+    ``cells`` (uint32), stacked like the input. A cancelled job returns the
+    slices done so far (the rest zero) with ``done`` = number of slices.
+    """
+    if isinstance(model, MembranePredictor):
+        pred = model
+    else:
+        tm = model if isinstance(model, TrainedMembrane) else load_model(model)
+        pred = MembranePredictor(tm, device=device, n_refs=n_refs, feedback_iters=feedback_iters, tile=tile)
+    if (ref_images is None) != (ref_labels is None):
+        raise InputError("give both reference images and reference labels (or neither)")
+    if ref_images is not None:
+        yield Progress(0, None, "encoding references")
+        pred.set_references(ref_images, ref_labels, membrane_value)
+    elif pred.model.use_reference and pred.bank is None:
+        raise InputError("fewer than 1 reference: give reference images with labels")
+    slices, stacked = _as_target_slices(images)
+    probs, masks, cells = [], [], []
+    done = 0
+    total = len(slices)
+    try:
+        for z, im in enumerate(slices):
+            p = yield from pred.iter_probability(im)
+            probs.append(p)
+            masks.append((p >= threshold).astype(np.uint8))
+            cells.append(cells_from_probability(p, threshold, min_size, membrane_background=membrane_background))
+            done += 1
+            yield Progress(done, total, f"slice {done}/{total}", preview=p)
+    except JobCancelled:
+        if done == 0:
+            raise
+    while len(probs) < total:
+        shp = tuple(slices[len(probs)].shape[-2:])
+        probs.append(np.zeros(shp, np.float32))
+        masks.append(np.zeros(shp, np.uint8))
+        cells.append(np.zeros(shp, np.uint32))
+    if stacked:
+        out = {"probability": np.stack(probs), "membrane": np.stack(masks), "cells": np.stack(cells)}
+    else:
+        out = {"probability": probs[0], "membrane": masks[0], "cells": cells[0]}
+    out["done"] = done
+    return out
+
+
+def predict_membrane(model, images, ref_images=None, ref_labels=None, callback=None, **kw) -> dict:
+    """Run :func:`iter_predict_membrane` to the end and return its dict."""
+    res = run_job(iter_predict_membrane(model, images, ref_images, ref_labels, **kw), callback)
+    if res.value is None:
+        raise JobCancelled()
+    return res.value
+
+
+def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
+    """A tiler/dask :class:`Predictor` (probability → binary membrane) using the saved reference bank."""
+    tm = load_model(state_dict, metadata)
+    mp = MembranePredictor(tm, device=device)
+    if tm.model.use_reference and tm.bank is None:
+        raise ModelFileError("this membrane model has no saved references; use `leakseg membrane predict --ref-images`")
+    return Predictor(
+        fn=mp.tile_fn,
+        in_channels=1,
+        out_channels=1,
+        finalize=lambda b: (np.asarray(b)[0] >= 0.5).astype(np.uint8),
+        output="labels",
+        halo=32,
+        tile=512,
+        capability=CAPABILITY,
+        metadata=dict(metadata),
+        preprocess=None,
+    )

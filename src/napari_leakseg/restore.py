@@ -1,0 +1,982 @@
+"""SEM restoration: an image-to-image U-Net with an SSIM loss, and a fabrication check.
+
+Plain torch/numpy (no napari, no Qt). Three training modes:
+
+* ``paired``: low- and high-quality images of the same field. The instrument's
+  data bar is cropped (detected or given), the pair is registered to sub-pixel
+  accuracy with phase cross-correlation and cropped to the overlap.
+* ``degrade``: high-quality images only; low-quality inputs are simulated with a
+  parameterised :class:`Degradation` (Poisson–Gaussian noise, Gaussian blur PSF,
+  scan-line jitter, downsampling). :func:`estimate_degradation` estimates the
+  parameters from a low-quality example.
+* ``self-supervised``: low-quality images only, Noise2Void-style blind-spot
+  masking (the loss is MSE on the masked pixels).
+
+Losses: ``ssim`` (default: 0.84·(1−SSIM) + 0.16·L1, SSIM from ``pytorch_msssim``),
+``mse`` or ``l1``.
+
+The fabrication check detects blobs (LoG) in the restored image and in a
+reference and counts fabricated and missed ones; without a reference,
+:func:`fabrication_risk_map` shows where the restoration adds structure that
+the input does not support beyond its noise level.
+
+Entry points: :func:`train_restore` (job generator), :func:`train`,
+:func:`iter_restore` / :func:`restore_image`, :func:`predictor_from_model`,
+:func:`fabrication_check`, :func:`fabrication_risk_map`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+from torch import nn
+
+from .core.device import resolve_device, seed_everything
+from .core.errors import InputError, JobCancelled, LeaksegError
+from .core.jobs import Progress, Throttle, run_job
+from .core.normalize import check_image, normalize, percentile_range
+from .core.predictor import Predictor
+from .core.tiling import iter_tiled
+from .core.unet import UNet, numpy_fn
+
+LOSSES = ("ssim", "mse", "l1")
+MODES = ("paired", "degrade", "self-supervised")
+CAPABILITY = "restore"
+
+__all__ = [
+    "LOSSES", "MODES", "Degradation", "RestoreModel", "as_gray", "detect_data_bar",
+    "crop_data_bar", "register_pair", "degrade", "estimate_noise", "estimate_degradation",
+    "ssim", "restoration_loss", "train_restore", "train", "iter_restore", "restore_image",
+    "predictor_from_model", "detect_blobs", "match_blobs", "fabrication_check",
+    "fabrication_risk_map", "psnr", "ssim_np",
+]
+
+
+# --------------------------------------------------------------------------- input handling
+def as_gray(img, name: str = "image", gray_tol: float = 0.02) -> np.ndarray:
+    """Return a 2D float32 image from gray or RGB(A) data (never modifies the input).
+
+    SEM files are often stored as RGB with equal channels (plus a coloured
+    overlay in the data bar / frame): if at most ``gray_tol`` of the pixels have
+    unequal channels, the per-pixel median of the channels is used. A truly
+    coloured image is converted to luminance with a warning.
+    """
+    check_image(img, name)
+    a = np.asarray(img)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    if a.ndim == 3 and a.shape[-1] in (3, 4):
+        rgb = a[..., :3].astype(np.float32)
+        unequal = (np.abs(rgb[..., 0] - rgb[..., 1]) > 0) | (np.abs(rgb[..., 0] - rgb[..., 2]) > 0)
+        if unequal.mean() <= gray_tol:
+            out = np.median(rgb, axis=-1)
+        else:
+            warnings.warn(f"{name} is a colour image ({100 * unequal.mean():.0f}% of pixels have "
+                          "unequal channels); converting to grey luminance", UserWarning, stacklevel=2)
+            out = rgb @ np.array([0.2125, 0.7154, 0.0721], np.float32)
+    elif a.ndim == 2:
+        out = a.astype(np.float32)
+    else:
+        raise InputError(f"{name} must be a 2D grey image (Y, X) or RGB (Y, X, 3); got shape {a.shape}")
+    if min(out.shape) < 16:
+        raise InputError(f"{name} is too small ({out.shape}); need at least 16×16 pixels")
+    if float(out.max()) - float(out.min()) <= 0:
+        raise InputError(f"{name} is constant (all pixels = {float(out.min()):g}); nothing to restore")
+    return out
+
+
+def _is_line(row: np.ndarray, frac: float = 0.9) -> bool:
+    vals, counts = np.unique(row, return_counts=True)
+    return counts.max() >= frac * row.size
+
+
+def detect_data_bar(img, max_fraction: float = 0.25) -> int:
+    """Number of rows at the bottom that belong to an instrument data bar (0 if none).
+
+    A data bar is a band at the bottom, at most ``max_fraction`` of the height,
+    that starts at a horizontal line (≥ 90 % of the row one value) and contains
+    at least two more such lines and both very dark and very bright (text)
+    pixels. Natural or noisy image content essentially never has such rows.
+    """
+    a = np.asarray(img, np.float32)
+    if a.ndim != 2:
+        a = as_gray(a)
+    H = a.shape[0]
+    lo, hi = float(a.min()), float(a.max())
+    span = max(hi - lo, 1e-12)
+    start = int(H * (1 - max_fraction))
+    lines = [r for r in range(start, H) if _is_line(a[r])]
+    for r in lines:
+        below = [q for q in lines if q > r]
+        if len(below) < 2:
+            break
+        band = a[r:]
+        dark = np.mean(band <= lo + 0.05 * span)
+        bright = np.mean(band >= hi - 0.05 * span)
+        if dark >= 0.2 and bright >= 0.01:
+            return H - r
+    return 0
+
+
+def _edge_lines(a: np.ndarray, max_px: int = 4) -> tuple[int, int, int, int]:
+    """Constant rows/columns (a frame drawn by the instrument) at the four edges."""
+    t = b = l = r = 0
+    while t < max_px and _is_line(a[t], 0.95):
+        t += 1
+    while b < max_px and _is_line(a[a.shape[0] - 1 - b], 0.95):
+        b += 1
+    while l < max_px and _is_line(a[:, l], 0.95):
+        l += 1
+    while r < max_px and _is_line(a[:, a.shape[1] - 1 - r], 0.95):
+        r += 1
+    return t, b, l, r
+
+
+def crop_data_bar(img, bar: int | str | None = "auto") -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Crop the data bar (``"auto"``: detected; an int: that many bottom rows; None/0: none).
+
+    With ``"auto"`` a one- or two-pixel frame drawn around the image is removed
+    too. Returns the cropped 2D image and the crop ``(top, bottom, left, right)``.
+    """
+    a = np.asarray(img, np.float32) if np.asarray(img).ndim == 2 else as_gray(img)
+    if bar == "auto":
+        nb = detect_data_bar(a)
+        t, b, l, r = _edge_lines(a[: a.shape[0] - nb] if nb else a)
+        crop = (t, nb + b, l, r)
+    else:
+        nb = int(bar or 0)
+        if nb < 0 or nb >= a.shape[0] - 16:
+            raise InputError(f"data-bar margin {nb} rows is invalid for an image of {a.shape[0]} rows")
+        crop = (0, nb, 0, 0)
+    t, b, l, r = crop
+    out = a[t:a.shape[0] - b, l:a.shape[1] - r]
+    return out, crop
+
+
+def _smooth_corr(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
+    a = ndi.gaussian_filter(a.astype(np.float32), sigma)
+    b = ndi.gaussian_filter(b.astype(np.float32), sigma)
+    a = a - a.mean()
+    b = b - b.mean()
+    d = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum() / d) if d > 0 else 0.0
+
+
+def register_pair(low, high, upsample: int = 20, min_corr: float = 0.3,
+                  max_shift_fraction: float = 0.25):
+    """Register ``high`` onto ``low`` (sub-pixel phase cross-correlation) and crop to the overlap.
+
+    The clean image is the one interpolated, so the noise of the low-quality
+    image is not smoothed. Returns ``(low_crop, high_crop, shift (dy, dx),
+    correlation)``; raises ``InputError`` when shapes differ or the pair cannot
+    be registered (correlation below ``min_corr`` after alignment, or a shift
+    larger than ``max_shift_fraction`` of the image).
+    """
+    from skimage.registration import phase_cross_correlation
+
+    low = np.asarray(low, np.float32)
+    high = np.asarray(high, np.float32)
+    if low.shape != high.shape:
+        raise InputError(f"low- and high-quality images have different shapes {low.shape} and "
+                         f"{high.shape}; they must show the same field at the same size")
+    ln = normalize(low)
+    hn = normalize(high)
+    # register on a lightly smoothed low image: the noise would bias the peak
+    shift, _, _ = phase_cross_correlation(ndi.gaussian_filter(ln, 1.0), hn,
+                                          upsample_factor=upsample, normalization=None)
+    shift = np.asarray(shift, float)
+    H, W = low.shape
+    if abs(shift[0]) > max_shift_fraction * H or abs(shift[1]) > max_shift_fraction * W:
+        raise InputError(f"cannot register the pair: the estimated drift ({shift[0]:.1f}, {shift[1]:.1f}) px "
+                         "is implausibly large; are these images of the same field?")
+    moved = ndi.shift(high, shift, order=3, mode="nearest")
+    y0, y1 = int(math.ceil(max(shift[0], 0))), H - int(math.ceil(max(-shift[0], 0)))
+    x0, x1 = int(math.ceil(max(shift[1], 0))), W - int(math.ceil(max(-shift[1], 0)))
+    low_c, high_c = low[y0:y1, x0:x1], moved[y0:y1, x0:x1]
+    corr = _smooth_corr(low_c, high_c)
+    if corr < min_corr:
+        raise InputError(f"cannot register the pair: correlation after alignment is {corr:.2f} "
+                         f"(< {min_corr}); are these images of the same field?")
+    return low_c.copy(), high_c.copy(), (float(shift[0]), float(shift[1])), corr
+
+
+# --------------------------------------------------------------------------- degradation model
+@dataclass
+class Degradation:
+    """Parameterised low-quality SEM model, in units of a clean image scaled to [0, 1].
+
+    poisson:    Poisson (shot) noise variance per unit intensity (var = poisson·x + gaussian²)
+    gaussian:   Gaussian read-noise standard deviation
+    blur:       Gaussian PSF sigma (pixels)
+    jitter:     scan-line jitter: std of the per-row horizontal shift (pixels)
+    downsample: acquisition at 1/downsample resolution, upsampled back (1 = none)
+    scan_corr:  noise correlation along the scan direction (x): the noise is
+                smoothed along rows with this Gaussian sigma (pixels), keeping
+                its variance (SEM detector response; 0 = white noise)
+    """
+
+    poisson: float = 0.02
+    gaussian: float = 0.05
+    blur: float = 0.8
+    jitter: float = 0.0
+    downsample: int = 1
+    scan_corr: float = 0.0
+
+    def __post_init__(self):
+        for f in ("poisson", "gaussian", "blur", "jitter", "scan_corr"):
+            v = float(getattr(self, f))
+            if not np.isfinite(v) or v < 0:
+                raise InputError(f"degradation parameter {f}={v} must be a finite number ≥ 0")
+            setattr(self, f, v)
+        if int(self.downsample) != self.downsample or self.downsample < 1 or self.downsample > 8:
+            raise InputError(f"degradation parameter downsample={self.downsample} must be an integer 1..8")
+        self.downsample = int(self.downsample)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def given(cls, spec) -> dict:
+        """Only the settings named in ``spec`` (validated), as a dict."""
+        if isinstance(spec, Degradation):
+            return spec.to_dict()
+        if isinstance(spec, str):
+            keys = [p.split("=", 1)[0] for p in spec.replace(" ", "").split(",") if p]
+        else:
+            keys = list(dict(spec))
+        keys = ["gaussian" if k == "noise" else k for k in keys]
+        full = cls.parse(spec).to_dict()
+        return {k: full[k] for k in keys}
+
+    @classmethod
+    def parse(cls, spec: str | dict | "Degradation" | None) -> "Degradation":
+        """From ``"noise=0.1,blur=1.2,poisson=0.02,jitter=0.5,downsample=2"`` or a dict.
+
+        ``noise`` is an alias for ``gaussian``.
+        """
+        if spec is None:
+            return cls()
+        if isinstance(spec, Degradation):
+            return copy.copy(spec)
+        if isinstance(spec, str):
+            d = {}
+            for part in [p for p in spec.replace(" ", "").split(",") if p]:
+                if "=" not in part:
+                    raise InputError(f"degradation setting {part!r} must look like key=value")
+                k, v = part.split("=", 1)
+                try:
+                    d[k] = float(v)
+                except ValueError:
+                    raise InputError(f"degradation setting {k}={v!r} is not a number") from None
+            spec = d
+        d = dict(spec)
+        if "noise" in d:
+            d["gaussian"] = d.pop("noise")
+        names = {f.name for f in fields(cls)}
+        bad = set(d) - names
+        if bad:
+            raise InputError(f"unknown degradation setting(s) {', '.join(sorted(bad))}; "
+                             f"use noise, {', '.join(sorted(names))}")
+        if "downsample" in d:
+            d["downsample"] = int(round(float(d["downsample"])))
+        return cls(**d)
+
+
+def degrade(clean, params: Degradation | dict | str | None = None, seed=None) -> np.ndarray:
+    """Simulate a low-quality acquisition of ``clean`` (float, ~[0, 1]); returns float32."""
+    p = Degradation.parse(params)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    x = np.asarray(clean, np.float32)
+    if x.ndim != 2:
+        raise InputError(f"degrade expects a 2D image; got shape {x.shape}")
+    if p.blur > 0:
+        x = ndi.gaussian_filter(x, p.blur)
+    if p.jitter > 0:
+        off = rng.normal(0, p.jitter, x.shape[0])
+        cols = np.arange(x.shape[1], dtype=np.float32)
+        x = np.stack([np.interp(cols + o, cols, row) for row, o in zip(x, off)]).astype(np.float32)
+    if p.downsample > 1:
+        f = p.downsample
+        H, W = x.shape
+        Hc, Wc = H // f * f, W // f * f
+        small = x[:Hc, :Wc].reshape(Hc // f, f, Wc // f, f).mean((1, 3))
+        x = ndi.zoom(small, (H / small.shape[0], W / small.shape[1]), order=1).astype(np.float32)
+    clean_x = x
+    if p.poisson > 0:
+        photons = 1.0 / p.poisson
+        x = rng.poisson(np.clip(x, 0, None) * photons).astype(np.float32) / photons
+    if p.gaussian > 0:
+        x = x + rng.normal(0, p.gaussian, x.shape).astype(np.float32)
+    if p.scan_corr > 0:
+        n = x - clean_x
+        k = np.exp(-0.5 * (np.arange(-4 * p.scan_corr - 1, 4 * p.scan_corr + 2) // 1 / p.scan_corr) ** 2)
+        k /= k.sum()
+        n = ndi.correlate1d(n, k, axis=1, mode="reflect") / np.sqrt((k * k).sum())
+        x = clean_x + n
+    return x.astype(np.float32)
+
+
+def estimate_noise(img, win: int = 7, bins: int = 16) -> tuple[float, float]:
+    """Poisson–Gaussian noise ``(poisson a, gaussian sigma)`` with var = a·mean + sigma².
+
+    Works on the image as given (no normalisation): local mean/variance in
+    ``win``×``win`` windows, the lower quartile of the variance per intensity bin
+    (flat regions; edges inflate the variance), then a non-negative linear fit.
+    """
+    x = np.asarray(img, np.float64)
+    m = ndi.uniform_filter(x, win)
+    v = np.maximum(ndi.uniform_filter(x * x, win) - m * m, 0) * (win * win) / (win * win - 1)
+    lo, hi = np.percentile(m, [2, 98])
+    edges = np.linspace(lo, hi, bins + 1)
+    ms, vs = [], []
+    for a, b in zip(edges[:-1], edges[1:]):
+        sel = (m >= a) & (m < b)
+        if sel.sum() < 50:
+            continue
+        ms.append(m[sel].mean())
+        vs.append(np.percentile(v[sel], 25))
+    if len(ms) < 2:
+        s = float(np.sqrt(np.median(v)))
+        return 0.0, s
+    ms, vs = np.array(ms), np.array(vs)
+    A = np.stack([ms, np.ones_like(ms)], 1)
+    (a, b), *_ = np.linalg.lstsq(A, vs, rcond=None)
+    if a < 0:
+        a, b = 0.0, float(np.median(vs))
+    if b < 0:
+        a = float(np.sum(ms * vs) / np.sum(ms * ms))
+        b = 0.0
+    # the lower quartile of a chi-square variance estimate is biased low; correct it
+    dof = win * win - 1
+    from scipy.stats import chi2
+
+    corr = dof / chi2.ppf(0.25, dof)
+    return float(a * corr), float(math.sqrt(b * corr))
+
+
+def _radial_psd(x: np.ndarray, nbins: int = 40):
+    x = x - x.mean()
+    win = np.outer(np.hanning(x.shape[0]), np.hanning(x.shape[1]))
+    P = np.abs(np.fft.fft2(x * win)) ** 2 / (win ** 2).sum()
+    fy = np.fft.fftfreq(x.shape[0])[:, None]
+    fx = np.fft.fftfreq(x.shape[1])[None, :]
+    f = np.sqrt(fy ** 2 + fx ** 2)
+    edges = np.linspace(0, 0.5, nbins + 1)
+    idx = np.digitize(f.ravel(), edges) - 1
+    ok = (idx >= 0) & (idx < nbins)
+    s = np.bincount(idx[ok], P.ravel()[ok], nbins)
+    c = np.bincount(idx[ok], None, nbins)
+    return 0.5 * (edges[1:] + edges[:-1]), s / np.maximum(c, 1)
+
+
+def _clean_scale(low: np.ndarray) -> np.ndarray:
+    """Normalise a noisy image so that its *smoothed* version spans [0, 1] like a clean one."""
+    lohi = percentile_range(ndi.gaussian_filter(np.asarray(low, np.float32), 2.0))
+    return normalize(low, lohi=lohi)
+
+
+def estimate_degradation(low, high=None) -> Degradation:
+    """Estimate :class:`Degradation` parameters from a low-quality example.
+
+    Noise (Poisson–Gaussian) comes from the low image alone, in the units of a
+    clean image scaled to [0, 1]. The blur is estimated when a high-quality
+    image (same kind of sample, not necessarily the same field) is given: the
+    sigma whose Gaussian makes the clean power spectrum fall off like the
+    low image's (after subtracting its white-noise floor). Without one, the
+    blur is set to 0.
+    """
+    low = as_gray(low, "low-quality example")
+    ln = _clean_scale(low)
+    a, s = estimate_noise(ln)
+    c = estimate_scan_correlation(ln)
+    hn = normalize(as_gray(high, "high-quality example")) if high is not None else None
+    # self-calibration: simulate the estimated noise on a clean proxy, re-estimate,
+    # and correct the estimator's bias (correlated noise biases local variances)
+    proxy = hn if hn is not None else ndi.gaussian_filter(ln, 2.0)
+    sim = degrade(proxy, Degradation(poisson=a, gaussian=s, blur=0, scan_corr=c), seed=0)
+    a1, s1 = estimate_noise(sim)
+    c1 = estimate_scan_correlation(sim)
+    mu = float(np.median(proxy))
+    v0, v1 = a * mu + s * s, a1 * mu + s1 * s1
+    k = v0 / v1 if v1 > 0 else 1.0
+    a, s = a * k, s * math.sqrt(k)
+    c = c * c / c1 if c1 > 0 else c
+    blur = 0.0
+    if hn is not None:
+        f, Pl = _radial_psd(ln)
+        _, Ph = _radial_psd(hn)
+        floor = np.median(Pl[f > 0.4])
+        sig = Pl - floor
+        ok = (f > 0.02) & (f < 0.35) & (sig > 3 * floor * 0.1) & (Ph > 0)
+        if ok.sum() >= 4:
+            best, best_err = 0.0, np.inf
+            for sg in np.arange(0.0, 3.01, 0.1):
+                H2 = np.exp(-(2 * np.pi * f * sg) ** 2)
+                model = np.log(H2[ok] * Ph[ok] + 1e-20)
+                d = np.log(np.maximum(sig[ok], 1e-20)) - model
+                err = float(np.var(d))  # free gain: only the spectral shape matters
+                if err < best_err:
+                    best, best_err = float(sg), err
+            blur = best
+    return Degradation(poisson=max(a, 0.0), gaussian=max(s, 0.0), blur=round(blur, 2),
+                       scan_corr=round(c, 2))
+
+
+def estimate_scan_correlation(img) -> float:
+    """Sigma (pixels) of the noise smoothing along rows, from the lag-1 correlation of the
+    high-pass residual in flat regions (for Gaussian-smoothed white noise
+    rho = exp(-1 / (4 sigma^2))); the column-direction correlation (signal
+    leakage) is subtracted. 0 when the noise is white."""
+    x = np.asarray(img, np.float32)
+    r = x - ndi.gaussian_filter(x, 3.0)
+    g = ndi.gaussian_gradient_magnitude(ndi.gaussian_filter(x, 2.0), 1.0)
+    flat = g <= np.percentile(g, 50)
+    fh = flat[:, :-1] & flat[:, 1:]
+    fv = flat[:-1] & flat[1:]
+    if fh.sum() < 100 or fv.sum() < 100:
+        return 0.0
+    rh = np.corrcoef(r[:, :-1][fh], r[:, 1:][fh])[0, 1]
+    rv = np.corrcoef(r[:-1][fv], r[1:][fv])[0, 1]
+    rho = (rh - max(rv, 0)) / max(1 - max(rv, 0), 1e-6)
+    if not np.isfinite(rho) or rho <= 0.05:
+        return 0.0
+    rho = min(rho, 0.95)
+    return float(math.sqrt(-1.0 / (4 * math.log(rho))))
+
+
+# --------------------------------------------------------------------------- losses and metrics
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM (Gaussian window 11, sigma 1.5) from ``pytorch_msssim``."""
+    from pytorch_msssim import ssim as _ssim
+
+    return _ssim(x, y, data_range=data_range, size_average=True)
+
+
+def restoration_loss(kind: str = "ssim", alpha: float = 0.84):
+    """Loss ``f(pred, target)``: ``ssim`` = alpha·(1−SSIM) + (1−alpha)·L1, or ``mse``/``l1``."""
+    if kind not in LOSSES:
+        raise InputError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    if kind == "mse":
+        return F.mse_loss
+    if kind == "l1":
+        return F.l1_loss
+
+    def loss(p, t):
+        return alpha * (1 - ssim(p, t)) + (1 - alpha) * F.l1_loss(p, t)
+
+    return loss
+
+
+def ssim_np(a, b, data_range: float = 1.0) -> float:
+    """SSIM with scikit-image (Gaussian weights, as in Wang et al. 2004)."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                       data_range=data_range, gaussian_weights=True, sigma=1.5,
+                                       use_sample_covariance=False))
+
+
+def psnr(a, ref, data_range: float = 1.0) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(ref, np.float64)) ** 2))
+    return float(10 * np.log10(data_range ** 2 / max(mse, 1e-12)))
+
+
+def match_intensity(x, ref) -> np.ndarray:
+    """Least-squares affine intensity match of ``x`` to ``ref`` (for fair metrics)."""
+    x = np.asarray(x, np.float64)
+    r = np.asarray(ref, np.float64)
+    A = np.stack([x.ravel(), np.ones(x.size)], 1)
+    (g, o), *_ = np.linalg.lstsq(A, r.ravel(), rcond=None)
+    return (g * x + o).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- model
+class RestoreNet(nn.Module):
+    """Shared U-Net with a residual connection: ``out = x + unet(x)``."""
+
+    def __init__(self, base: int = 16, depth: int = 3, norm: str = "batch", residual: bool = True):
+        super().__init__()
+        self.arch = dict(base=base, depth=depth, norm=norm, residual=residual)
+        self.unet = UNet(1, 1, base=base, depth=depth, norm=norm)
+        self.residual = residual
+
+    @property
+    def multiple(self) -> int:
+        return self.unet.multiple
+
+    def forward(self, x):
+        y = self.unet(x)
+        return x + y if self.residual else y
+
+
+@dataclass
+class RestoreModel:
+    """A trained restoration model with its metadata."""
+
+    net: RestoreNet
+    metadata: dict
+
+    def save(self, path, overwrite: bool = False):
+        from .core import store
+
+        return store.save(self.net, path, self.metadata, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "RestoreModel":
+        from .core import store
+
+        sd, meta = store.load(path, capability=CAPABILITY)
+        return cls(_build(sd, meta, device), meta)
+
+    def restore(self, image, **kw) -> np.ndarray:
+        return restore_image(self, image, **kw)
+
+
+def _build(sd, meta, device) -> RestoreNet:
+    from .core.errors import ModelFileError
+
+    try:
+        net = RestoreNet(**meta.get("arch", {}))
+        net.load_state_dict(sd)
+    except Exception as e:
+        raise ModelFileError(f"restore model weights do not match its architecture: {str(e)[:200]}") from None
+    return net.to(resolve_device(device)).eval()
+
+
+# --------------------------------------------------------------------------- training
+def _prepare_pairs(low, high, bar, min_corr):
+    lows = _as_list(low, "low")
+    highs = _as_list(high, "high")
+    if len(lows) != len(highs):
+        raise InputError(f"got {len(lows)} low-quality and {len(highs)} high-quality images; "
+                         "paired training needs one high image per low image")
+    out = []
+    for i, (l, h) in enumerate(zip(lows, highs)):
+        lg, hg = as_gray(l, f"low image {i + 1}"), as_gray(h, f"high image {i + 1}")
+        if lg.shape != hg.shape:
+            raise InputError(f"pair {i + 1}: low- and high-quality images have different shapes "
+                             f"{lg.shape} and {hg.shape}")
+        lc, crop = crop_data_bar(lg, bar)
+        t, b, le, r = crop
+        hc = hg[t:hg.shape[0] - b, le:hg.shape[1] - r]
+        try:
+            lr, hr, shift, corr = register_pair(lc, hc, min_corr=min_corr)
+        except InputError as e:
+            raise InputError(f"pair {i + 1}: {e}") from None
+        out.append((normalize(lr), normalize(hr)))
+    return out
+
+
+def _as_list(x, name) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (list, tuple)):
+        items = list(x)
+    else:
+        a = np.asarray(x)
+        if a.ndim == 3 and a.shape[-1] not in (3, 4):
+            items = list(a)  # a stack of 2D images
+        else:
+            items = [a]
+    if not items:
+        raise InputError(f"no {name}-quality images given")
+    return items
+
+
+def _val_split(img_pairs, crop, val_fraction):
+    """Split every (input, target) image into a training part and a bottom validation strip."""
+    train, val = [], []
+    for x, y in img_pairs:
+        H = x.shape[0]
+        nv = int(round(H * val_fraction))
+        if val_fraction > 0 and H - nv >= crop and nv >= 32:
+            train.append((x[: H - nv], y[: H - nv]))
+            val.append((x[H - nv:], y[H - nv:]))
+        else:
+            train.append((x, y))
+    return train, val
+
+
+def _random_crops(pairs, n, crop, rng, augment=True):
+    xs, ys = [], []
+    for _ in range(n):
+        x, y = pairs[rng.integers(len(pairs))]
+        H, W = x.shape
+        cy, cx = min(crop, H), min(crop, W)
+        i, j = rng.integers(0, H - cy + 1), rng.integers(0, W - cx + 1)
+        a, b = x[i:i + cy, j:j + cx], y[i:i + cy, j:j + cx]
+        if augment:
+            k = rng.integers(4)
+            a, b = np.rot90(a, k), np.rot90(b, k)
+            if rng.random() < 0.5:
+                a, b = a[:, ::-1], b[:, ::-1]
+        xs.append(np.ascontiguousarray(a))
+        ys.append(np.ascontiguousarray(b))
+    return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
+
+
+def _n2v_mask(x: np.ndarray, rng, frac: float, radius: int = 2):
+    """Blind-spot masking: replace ``frac`` of pixels by a random neighbour; returns (masked, mask)."""
+    B, C, H, W = x.shape
+    masked = x.copy()
+    mask = np.zeros_like(x, dtype=np.float32)
+    n = max(1, int(frac * H * W))
+    for bi in range(B):
+        ys = rng.integers(0, H, n)
+        xs = rng.integers(0, W, n)
+        dy = rng.integers(-radius, radius + 1, n)
+        dx = rng.integers(-radius, radius + 1, n)
+        zero = (dy == 0) & (dx == 0)
+        dx[zero] = 1  # never copy the pixel itself
+        sy = np.clip(ys + dy, 0, H - 1)
+        sx = np.clip(xs + dx, 0, W - 1)
+        masked[bi, 0, ys, xs] = x[bi, 0, sy, sx]
+        mask[bi, 0, ys, xs] = 1.0
+    return masked, mask
+
+
+def train_restore(
+    low=None,
+    high=None,
+    mode: str | None = None,
+    loss: str = "ssim",
+    degradation: Degradation | dict | str | None = None,
+    estimate_from=None,
+    steps: int = 300,
+    batch_size: int = 4,
+    crop: int = 128,
+    lr: float = 2e-3,
+    base: int = 16,
+    depth: int = 3,
+    norm: str = "batch",
+    bar: int | str | None = "auto",
+    min_corr: float = 0.3,
+    val_fraction: float = 0.2,
+    val_every: int = 25,
+    n2v_fraction: float = 0.02,
+    seed: int | None = 0,
+    device="auto",
+    preview: bool = True,
+):
+    """Train a restoration U-Net; a job generator yielding loss and validation SSIM.
+
+    ``mode``: ``paired`` (``low`` and ``high`` lists of images of the same
+    fields), ``degrade`` (``high`` only, plus ``degradation`` settings or a
+    low-quality example ``estimate_from`` to estimate them from) or
+    ``self-supervised`` (``low`` only). ``None`` picks from what is given.
+    Cancelling (``JobCancelled``) returns the best model so far (by validation
+    SSIM, or validation loss in self-supervised mode).
+    """
+    if mode is None:
+        mode = ("paired" if (low is not None and high is not None) else
+                "degrade" if high is not None else "self-supervised")
+    if mode not in MODES:
+        raise InputError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    restoration_loss(loss)  # validate
+    if steps < 1 or batch_size < 1:
+        raise InputError("steps and batch size must be ≥ 1")
+    if crop < 32 or crop % 8:
+        raise InputError(f"crop {crop} must be a multiple of 8 and ≥ 32")
+    rng = np.random.default_rng(seed)
+    seed_everything(seed if seed is not None else int(rng.integers(1 << 31)))
+    dev = resolve_device(device)
+
+    deg = None
+    if mode == "paired":
+        if low is None or high is None:
+            raise InputError("paired training needs both low- and high-quality images")
+        pairs = _prepare_pairs(low, high, bar, min_corr)
+    elif mode == "degrade":
+        if high is None:
+            raise InputError("degradation training needs high-quality images")
+        highs = [normalize(crop_data_bar(as_gray(h, f"high image {i + 1}"), bar)[0])
+                 for i, h in enumerate(_as_list(high, "high"))]
+        if estimate_from is not None:
+            ex = crop_data_bar(as_gray(estimate_from, "low-quality example"), bar)[0]
+            deg = estimate_degradation(ex, highs[0])
+            if degradation is not None:  # explicit settings override estimated ones
+                deg = Degradation(**{**deg.to_dict(), **Degradation.given(degradation)})
+        else:
+            deg = Degradation.parse(degradation)
+
+        def make_pairs():
+            out = []
+            for h in highs:
+                x = degrade(h, deg, rng)
+                out.append((normalize(x), h))
+            return out
+
+        pairs = make_pairs()
+    else:
+        if low is None:
+            raise InputError("self-supervised training needs low-quality images")
+        lows = [normalize(crop_data_bar(as_gray(l, f"low image {i + 1}"), bar)[0])
+                for i, l in enumerate(_as_list(low, "low"))]
+        pairs = [(x, x) for x in lows]
+
+    small = [p[0].shape for p in pairs if min(p[0].shape) < 32]
+    if small:
+        raise InputError(f"training images must be at least 32×32 pixels after cropping; got {small[0]}")
+    crop = min(crop, *[min(p[0].shape) // 8 * 8 for p in pairs])
+    train_pairs, val_pairs = _val_split(pairs, crop, val_fraction)
+
+    net = RestoreNet(base=base, depth=depth, norm=norm).to(dev)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss_fn = restoration_loss("mse" if mode == "self-supervised" else loss)
+    vrng = np.random.default_rng(12345)
+    val_batch = (_random_crops(val_pairs, 8, crop, vrng, augment=False) if val_pairs else
+                 _random_crops(train_pairs, 4, crop, vrng, augment=False))
+    if mode == "self-supervised":
+        vm, vmask = _n2v_mask(val_batch[0].numpy(), vrng, n2v_fraction)
+        val_n2v = (torch.from_numpy(vm), torch.from_numpy(vmask))
+
+    meta = {
+        "capability": CAPABILITY,
+        "arch": dict(net.arch),
+        "train": dict(mode=mode, loss=loss, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
+                      seed=seed, n_images=len(pairs), val_fraction=val_fraction,
+                      n2v_fraction=n2v_fraction if mode == "self-supervised" else None,
+                      degradation=deg.to_dict() if deg is not None else None),
+        "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
+        "output": "image",
+    }
+    best = {"score": -np.inf, "state": copy.deepcopy(net.state_dict()), "step": 0, "val": None}
+    throttle = Throttle(1.0)
+    history = []
+
+    def validate():
+        net.eval()
+        with torch.no_grad():
+            if mode == "self-supervised":
+                xm, mk = val_n2v
+                p = net(xm.to(dev)).cpu()
+                vloss = float(((p - val_batch[0]) ** 2 * mk).sum() / mk.sum())
+                score, vs = -vloss, None
+                pred = net(val_batch[0].to(dev)).cpu()
+            else:
+                pred = net(val_batch[0].to(dev)).cpu()
+                vs = float(ssim(pred, val_batch[1]))
+                score = vs
+        net.train()
+        return score, vs, pred
+
+    def result():
+        net.load_state_dict(best["state"])
+        net.eval()
+        m = dict(meta)
+        m["train"] = dict(meta["train"], best_step=best["step"], val_ssim=best["val"],
+                          steps_done=len(history))
+        return RestoreModel(net, m)
+
+    net.train()
+    step = 0
+    try:
+        for step in range(1, steps + 1):
+            if mode == "degrade" and step % 20 == 0:
+                train_pairs, _ = _val_split(make_pairs(), crop, val_fraction)
+            x, y = _random_crops(train_pairs, batch_size, crop, rng)
+            if mode == "self-supervised":
+                xm, mk = _n2v_mask(x.numpy(), rng, n2v_fraction)
+                p = net(torch.from_numpy(xm).to(dev))
+                mk = torch.from_numpy(mk).to(dev)
+                lval = ((p - x.to(dev)) ** 2 * mk).sum() / mk.sum()
+            else:
+                p = net(x.to(dev))
+                lval = loss_fn(p, y.to(dev))
+            opt.zero_grad()
+            lval.backward()
+            opt.step()
+            sched.step()
+            lv = float(lval.detach())
+            if not np.isfinite(lv):
+                raise LeaksegError("training diverged (loss is NaN); try a lower learning rate")
+            history.append(lv)
+            metrics = {"loss": lv}
+            prev = None
+            if step % val_every == 0 or step == steps:
+                score, vs, pred = validate()
+                if score > best["score"]:
+                    best.update(score=score, state=copy.deepcopy(net.state_dict()), step=step, val=vs)
+                metrics["val_ssim"] = vs
+                if mode == "self-supervised":
+                    metrics["val_loss"] = -score
+                if preview and throttle():
+                    prev = pred[0, 0].numpy()
+            msg = f"step {step}/{steps} loss {lv:.4f}"
+            if "val_ssim" in metrics and metrics["val_ssim"] is not None:
+                msg += f" val SSIM {metrics['val_ssim']:.3f}"
+            yield Progress(step, steps, msg, preview=prev, metrics=metrics)
+    except JobCancelled:
+        if best["step"] == 0 and step > 1:  # no validation yet: keep the current weights
+            best.update(state=copy.deepcopy(net.state_dict()), step=step)
+        return result()
+    return result()
+
+
+def train(*args, callback=None, **kw) -> RestoreModel:
+    """Run :func:`train_restore` to the end (or until ``callback`` returns False)."""
+    return run_job(train_restore(*args, **kw), callback).value
+
+
+# --------------------------------------------------------------------------- inference
+def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
+    """A :class:`~napari_leakseg.core.predictor.Predictor` for ``leakseg apply``."""
+    net = _build(state_dict, metadata, device)
+    dev = next(net.parameters()).device
+    return Predictor(fn=numpy_fn(net, dev, multiple=net.multiple), in_channels=1, out_channels=1,
+                     finalize=lambda b: np.asarray(b)[0].astype(np.float32), output="image",
+                     halo=32, tile=512, capability=CAPABILITY, metadata=metadata)
+
+
+def _get_model(model, device) -> RestoreModel:
+    if isinstance(model, RestoreModel):
+        net = model.net.to(resolve_device(device)).eval()
+        return RestoreModel(net, model.metadata)
+    return RestoreModel.load(model, device=device)
+
+
+def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
+                 exclude_bar: bool = True):
+    """Restore one 2D image (numpy, zarr or dask; gray or RGB); a job generator.
+
+    The input is normalised with its own percentiles (computed without the data
+    bar when one is detected) and processed in overlapping blended tiles, so
+    memory is bounded for huge images (pass a zarr ``out`` of shape (1, Y, X)).
+    Returns float32 (Y, X) in the normalised intensity scale of the training
+    target (≈ [0, 1]).
+    """
+    rm = _get_model(model, device)
+    net = rm.net
+    dev = next(net.parameters()).device
+    shape = tuple(getattr(image, "shape", ()))
+    big = len(shape) == 2 and shape[0] * shape[1] > 4096 * 4096
+    if big:  # stay lazy: only a strided sample for the percentiles
+        check_image(image, "image")
+        src = image
+        lohi = percentile_range(image)
+    else:
+        g = as_gray(image, "image")
+        nb = detect_data_bar(g) if exclude_bar else 0
+        lohi = percentile_range(g[: g.shape[0] - nb] if nb else g)
+        src = g
+    lo, hi = lohi
+    scale = 1.0 / max(hi - lo, 1e-8)
+
+    class _CYX:  # a lazy (1, Y, X) view for the tiler
+        def __init__(self, a):
+            self.a = a
+            self.shape = (1,) + tuple(a.shape)
+            self.ndim = 3
+
+        def __getitem__(self, sl):
+            return np.asarray(self.a[sl[1:]], np.float32)[None]
+
+    fn = numpy_fn(net, dev, multiple=net.multiple)
+    res = yield from iter_tiled(fn, _CYX(src), tile=tile, overlap=overlap, out=out,
+                                preprocess=lambda t: (t.astype(np.float32) - lo) * scale)
+    return res if out is not None else res[0]
+
+
+def restore_image(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
+                  callback=None) -> np.ndarray:
+    """Restore a 2D image or a stack (N, Y, X); see :func:`iter_restore`."""
+    rm = _get_model(model, device)
+    a = image
+    if getattr(a, "ndim", np.ndim(a)) == 3 and a.shape[-1] not in (3, 4):
+        return np.stack([restore_image(rm, a[i], tile, overlap, device) for i in range(a.shape[0])])
+    return run_job(iter_restore(rm, a, tile, overlap, device, out), callback).value
+
+
+# --------------------------------------------------------------------------- fabrication check
+def detect_blobs(img, min_sigma: float = 1.5, max_sigma: float = 6.0, threshold: float = 0.08,
+                 num_sigma: int = 6) -> np.ndarray:
+    """Bright blobs (particles) by Laplacian of Gaussian: array (N, 3) of (y, x, radius).
+
+    The image is percentile-normalised first so that thresholds are comparable
+    between a noisy input, a restoration and a reference.
+    """
+    from skimage.feature import blob_log
+
+    x = np.clip(normalize(np.asarray(img, np.float32)), 0, 1)
+    b = blob_log(x, min_sigma=min_sigma, max_sigma=max_sigma, num_sigma=num_sigma,
+                 threshold=threshold, exclude_border=int(max_sigma))
+    if b.size == 0:
+        return np.zeros((0, 3), np.float32)
+    b = b.astype(np.float32)
+    b[:, 2] *= math.sqrt(2)
+    return b
+
+
+def match_blobs(found: np.ndarray, reference: np.ndarray, tol: float = 3.0):
+    """Match blobs by position (Hungarian, distance ≤ max(tol, radius)).
+
+    Returns ``(fabricated_idx, missed_idx, matched_pairs)``: indices into ``found``
+    without a reference partner, indices into ``reference`` not found.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    nf, nr = len(found), len(reference)
+    if nf == 0 or nr == 0:
+        return np.arange(nf), np.arange(nr), np.zeros((0, 2), int)
+    d = np.hypot(found[:, None, 0] - reference[None, :, 0], found[:, None, 1] - reference[None, :, 1])
+    lim = np.maximum(tol, np.maximum(found[:, None, 2], reference[None, :, 2]))
+    cost = np.where(d <= lim, d, 1e6)
+    r, c = linear_sum_assignment(cost)
+    ok = cost[r, c] < 1e6
+    pairs = np.stack([r[ok], c[ok]], 1)
+    fab = np.setdiff1d(np.arange(nf), pairs[:, 0])
+    mis = np.setdiff1d(np.arange(nr), pairs[:, 1])
+    return fab, mis, pairs
+
+
+def fabrication_check(restored, reference, tol: float = 3.0, **blob_kw) -> dict:
+    """Count fabricated and missed particles of ``restored`` against ``reference``.
+
+    Returns a dict with ``fabricated``, ``missed``, ``n_restored``, ``n_reference``
+    and the blob arrays ``fabricated_blobs`` / ``missed_blobs`` (y, x, r).
+    """
+    a = np.asarray(restored, np.float32)
+    b = np.asarray(reference, np.float32)
+    if a.shape != b.shape:
+        raise InputError(f"restored {a.shape} and reference {b.shape} images must have the same shape")
+    fb, rb = detect_blobs(a, **blob_kw), detect_blobs(b, **blob_kw)
+    fab, mis, pairs = match_blobs(fb, rb, tol)
+    return {"fabricated": int(len(fab)), "missed": int(len(mis)), "n_restored": int(len(fb)),
+            "n_reference": int(len(rb)), "fabricated_blobs": fb[fab], "missed_blobs": rb[mis]}
+
+
+def fabrication_risk_map(noisy, restored, scales: Sequence[float] = (1.0, 2.0, 4.0)) -> np.ndarray:
+    """No-reference fabrication risk: z-score of structure the restoration adds.
+
+    If the restoration were the true signal, ``input − restored`` would be pure
+    noise. Where the restoration invents (or removes) a structure, the residual
+    has a local mean that is significantly non-zero. For each scale the
+    residual is smoothed, divided by the local Poisson–Gaussian noise level
+    (estimated from the input) and calibrated robustly (MAD over the image, so
+    spatially correlated noise is handled); the map is the maximum |z| over
+    scales. Values above ~4 mark unsupported structure. Returns float32 (Y, X).
+    """
+    x = as_gray(noisy, "input")
+    r = np.asarray(restored, np.float32)
+    if r.shape != x.shape:
+        raise InputError(f"input {x.shape} and restored {r.shape} images must have the same shape")
+    xn = _clean_scale(x)
+    rm = match_intensity(r, xn)
+    a, s = estimate_noise(xn)
+    sigma = np.sqrt(np.maximum(a * np.clip(rm, 0, None) + s * s, 1e-8)).astype(np.float32)
+    resid = (xn - rm) / sigma
+    z = np.zeros_like(resid)
+    for sc in scales:
+        m = ndi.gaussian_filter(resid, sc)
+        mad = float(np.median(np.abs(m - np.median(m)))) * 1.4826
+        z = np.maximum(z, np.abs(m) / max(mad, 1e-8))
+    return z.astype(np.float32)

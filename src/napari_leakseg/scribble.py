@@ -1,0 +1,663 @@
+"""Scribble-guided (or unsupervised) segmentation by differentiable feature clustering.
+
+The method of Kim, Kanezaki and Tanaka, "Unsupervised Learning of Image
+Segmentation Based on Differentiable Feature Clustering", IEEE TIP 29 (2020).
+A tiny fully-convolutional network is trained on the one image it segments:
+its argmax pseudo-labels are the targets of a cross-entropy (feature
+similarity) loss, an L1 penalty on the spatial gradient of the response map
+keeps regions coherent (continuity), and optional scribbles add a supervised
+cross-entropy term.
+
+Two configurations live here:
+
+``config="paper"``
+    The reference: q = 100 channels, nConv = 2, zero padding, SGD (lr 0.1,
+    momentum 0.9), full resolution, mu_sim = mu_con = 1, mu_scr = 0.5, stop
+    when the number of labels is at most minLabels (3 or the number of
+    scribble classes), up to 1000 iterations, no post-processing.
+
+``config="fast"`` (default)
+    Interactive on a CPU: q = 32, replicate padding (no 1-pixel border strips),
+    Adam, training on a downsampled copy (about 40k pixels) and prediction at
+    full resolution with frozen BatchNorm statistics, an early stop on the
+    pseudo-label change rate, and post-processing that merges components
+    smaller than ``min_size`` into their neighbours and relabels compactly.
+
+Label conventions: scribbles use 0 = unlabeled and 1..K = classes (ids need not
+be consecutive; class k is trained on channel k-1). In the output, scribbled
+classes keep their ids and other clusters get ids above K (compact), or with
+``classes_only`` every pixel gets the nearest class.
+
+``iter_segment`` is the job generator (see ``core.jobs``); ``segment`` drives it.
+Nothing here imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, asdict
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .core.device import resolve_device, seed_everything
+from .core.errors import InputError, JobCancelled, LeaksegError
+from .core.jobs import Progress, Throttle, run_job
+from .core.labels import check_labels, smallest_uint
+from .core.normalize import check_image, percentile_range
+
+__all__ = [
+    "SegmentConfig",
+    "CONFIGS",
+    "FeatureNet",
+    "SegmentResult",
+    "iter_segment",
+    "segment",
+    "predictor_from_model",
+    "prepare_image",
+    "merge_small_components",
+]
+
+MAX_CLASS_ID = 255
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class SegmentConfig:
+    """All knobs of one configuration (see the module docstring)."""
+
+    q: int = 32                      # feature channels (max number of clusters)
+    n_conv: int = 2                  # number of 3x3 conv blocks
+    padding_mode: str = "replicate"  # "zeros" is the reference
+    optimizer: str = "adam"          # "sgd" (momentum 0.9) is the reference
+    lr: float = 0.01
+    mu_sim: float = 1.0
+    mu_con: float = 1.0
+    mu_scr: float = 0.5
+    train_pixels: Optional[int] = 40_000  # train on a copy downsampled to about this many pixels; None = full res
+    max_iter: int = 200
+    min_iter: int = 10
+    stop_change: float = 0.005       # stop when < this fraction of pseudo-labels change ...
+    stop_patience: int = 5           # ... for this many consecutive iterations
+    min_labels_stop: bool = False    # reference rule: stop when #labels <= minLabels
+    min_labels: int = 3
+    scribble_acc: float = 0.9        # no early stop before this accuracy on the scribbled pixels
+    min_size: Optional[float] = 0.002  # merge 4-connected components below this (fraction of area, or pixels if >= 1)
+    smooth: float = 0.0              # Gaussian sigma applied to the input (pixels, full res)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIGS = {
+    "fast": SegmentConfig(),
+    "paper": SegmentConfig(
+        q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1,
+        train_pixels=None, max_iter=1000, min_iter=0, stop_change=0.0,
+        min_labels_stop=True, min_labels=3, scribble_acc=0.0, min_size=None,
+    ),
+}
+
+
+def get_config(config="fast", **overrides) -> SegmentConfig:
+    if isinstance(config, SegmentConfig):
+        cfg = copy.deepcopy(config)
+    elif isinstance(config, dict):
+        cfg = SegmentConfig(**config)
+    else:
+        if config not in CONFIGS:
+            raise LeaksegError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+        cfg = copy.deepcopy(CONFIGS[config])
+    for k, v in overrides.items():
+        if v is None:
+            continue
+        if not hasattr(cfg, k):
+            raise LeaksegError(f"unknown setting {k!r}")
+        setattr(cfg, k, v)
+    return cfg
+
+
+# --------------------------------------------------------------------------- network
+class FeatureNet(nn.Module):
+    """conv3x3 → ReLU → BN, (nConv−1)×[conv3x3 → ReLU → BN], conv1x1 → BN (as the reference)."""
+
+    def __init__(self, in_channels: int, q: int = 32, n_conv: int = 2, padding_mode: str = "replicate"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, q, 3, padding=1, padding_mode=padding_mode)
+        self.bn1 = nn.BatchNorm2d(q)
+        self.conv2 = nn.ModuleList(
+            nn.Conv2d(q, q, 3, padding=1, padding_mode=padding_mode) for _ in range(n_conv - 1)
+        )
+        self.bn2 = nn.ModuleList(nn.BatchNorm2d(q) for _ in range(n_conv - 1))
+        self.conv3 = nn.Conv2d(q, q, 1)
+        self.bn3 = nn.BatchNorm2d(q)
+
+    def forward(self, x):
+        x = self.bn1(F.relu(self.conv1(x)))
+        for conv, bn in zip(self.conv2, self.bn2):
+            x = bn(F.relu(conv(x)))
+        return self.bn3(self.conv3(x))
+
+
+def _arch(in_channels, cfg: SegmentConfig) -> dict:
+    return {"in_channels": int(in_channels), "q": int(cfg.q), "n_conv": int(cfg.n_conv),
+            "padding_mode": cfg.padding_mode}
+
+
+def build_model(arch: dict) -> FeatureNet:
+    return FeatureNet(arch["in_channels"], arch["q"], arch["n_conv"], arch.get("padding_mode", "replicate"))
+
+
+# --------------------------------------------------------------------------- inputs
+def prepare_image(image, rgb: Optional[bool] = None, stack: Optional[bool] = None):
+    """Validate and normalise an image to float32 (N, C, Y, X) plus info.
+
+    Accepted: (Y, X); (Y, X, C) with C in 1, 3, 4 (alpha dropped); a stack
+    (Z, Y, X) when ``stack`` is true or the last axis is not 1/3/4; (Z, Y, X, C).
+    Integer (uint8/uint16/...), bool and float data are percentile-normalised
+    jointly over channels (colours keep their ratios).
+    """
+    check_image(image)
+    a = np.asarray(image)
+    if a.dtype == bool:
+        a = a.astype(np.float32)
+    if a.ndim == 2:
+        x = a[None, None]
+    elif a.ndim == 3:
+        is_rgb = rgb if rgb is not None else (a.shape[-1] in (1, 3, 4) and not stack)
+        if stack and rgb is None:
+            is_rgb = False
+        x = np.moveaxis(a, -1, 0)[None] if is_rgb else a[:, None]
+    elif a.ndim == 4:
+        if a.shape[-1] not in (1, 2, 3, 4):
+            raise InputError(
+                f"a 4D image must be (Z, Y, X, C) with C = 1, 3 or 4 channels; got shape {a.shape}")
+        x = np.moveaxis(a, -1, 1)
+    else:
+        raise InputError(f"expected a 2D image, an RGB(A) image or a stack; got shape {a.shape}")
+    if x.shape[1] == 4:
+        x = x[:, :3]
+    elif x.shape[1] == 2:
+        x = x[:, :1]
+    if min(x.shape[-2:]) < 4:
+        raise InputError(f"image is too small to segment (spatial shape {x.shape[-2:]}); need at least 4×4")
+    lo, hi = percentile_range(x, 1.0, 99.8)
+    xf = x.astype(np.float32)
+    if float(np.nanmax(xf)) - float(np.nanmin(xf)) <= 0:
+        raise InputError(f"image is constant (every value is {float(xf.flat[0]):g}); there is nothing to segment")
+    if hi - lo < 1e-12:
+        lo, hi = float(xf.min()), float(xf.max())
+    xf = (xf - lo) / (hi - lo)
+    return np.ascontiguousarray(xf), {"low": lo, "high": hi, "stack": a.ndim == 4 or x.shape[0] > 1 or bool(stack),
+                                      "spatial_shape": tuple(x.shape[-2:]), "n": x.shape[0]}
+
+
+def prepare_scribbles(scribbles, spatial_shape, n: int, squeeze: bool):
+    """Validate scribbles: same spatial shape as the image, integer ids 0..255. Returns (N, Y, X) int64."""
+    if scribbles is None:
+        return None
+    target = spatial_shape if squeeze else (n,) + tuple(spatial_shape)
+    s = np.asarray(scribbles)
+    if s.shape != tuple(target):
+        raise InputError(f"scribbles shape {s.shape} does not match the image's "
+                         f"{'spatial ' if squeeze else ''}shape {tuple(target)}")
+    s = check_labels(s, target, name="scribbles")
+    if int(s.max()) > MAX_CLASS_ID:
+        raise InputError(
+            f"scribbles have ids up to {int(s.max())}; class ids must be 1..{MAX_CLASS_ID} (0 = unlabeled)")
+    s = s.astype(np.int64)
+    return s[None] if squeeze else s
+
+
+# --------------------------------------------------------------------------- post-processing
+def merge_small_components(lab: np.ndarray, min_size: int, protect: Optional[np.ndarray] = None) -> np.ndarray:
+    """Give 4-connected components smaller than ``min_size`` pixels the label of the nearest larger one.
+
+    ``lab`` is a 2D integer map (any ids). Returns a new array; the input is not modified.
+    """
+    from scipy import ndimage as ndi
+    from skimage.measure import label as cc_label
+
+    lab = np.asarray(lab)
+    if min_size is None or min_size <= 1:
+        return lab.copy()
+    cc = cc_label(lab.astype(np.int32) + 1, connectivity=1, background=0)
+    sizes = np.bincount(cc.ravel())
+    small = sizes < min_size
+    small[0] = False
+    bad = small[cc]
+    if not bad.any():
+        return lab.copy()
+    if bad.all():  # everything is small: keep the largest component's label everywhere near it
+        keep = np.argmax(sizes[1:]) + 1
+        bad = cc != keep
+    _, (iy, ix) = ndi.distance_transform_edt(bad, return_indices=True)
+    return lab[iy, ix]
+
+
+def _min_size_px(min_size, area: int) -> int:
+    if min_size is None:
+        return 0
+    return int(round(min_size * area)) if min_size < 1 else int(min_size)
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class SegmentResult:
+    labels: np.ndarray                 # (Y, X) or (N, Y, X) compact uint ids
+    state: dict                        # {"state_dict": ..., "metadata": {...}} for warm start / core.store.save
+    n_iter: int = 0
+    seconds: float = 0.0
+    stopped: str = ""                  # "converged", "max_iter", "time_budget", "cancelled", "min_labels"
+    history: list = field(default_factory=list)  # per-iteration dicts (iter, t, loss, n_labels, change)
+    first_preview_s: Optional[float] = None
+
+    @property
+    def n_labels(self) -> int:
+        return int(len(np.unique(self.labels)))
+
+
+def _channel_lut(counts: np.ndarray, K: int, class_ids: list[int], allowed: np.ndarray, classes_only: bool):
+    """Map channel index → output id: class channels keep their id, others get K+1.. by channel order."""
+    q = counts.shape[0]
+    lut = np.zeros(q, np.int64)
+    for k in class_ids:
+        lut[k - 1] = k
+    nxt = K + 1
+    for c in range(q):
+        if c < K:
+            if lut[c] == 0 and counts[c] > 0 and not classes_only:  # unscribbled id slot below K
+                lut[c] = nxt
+                nxt += 1
+            continue
+        if allowed[c] and counts[c] > 0:
+            lut[c] = nxt
+            nxt += 1
+    return lut
+
+
+# --------------------------------------------------------------------------- the job
+def iter_segment(
+    image,
+    scribbles=None,
+    *,
+    n_segments: Optional[int] = None,
+    max_iter: Optional[int] = None,
+    time_budget: Optional[float] = None,
+    seed: Optional[int] = 0,
+    device="auto",
+    warm_start: Optional[dict] = None,
+    classes_only: bool = False,
+    config="fast",
+    rgb: Optional[bool] = None,
+    stack: Optional[bool] = None,
+    preview_interval: float = 0.5,
+    **overrides,
+):
+    """Job generator: yields ``Progress`` (with label-map previews) and returns a :class:`SegmentResult`.
+
+    ``n_segments``: at most this many clusters in the output (unsupervised or
+    the scribble classes plus extra clusters); with the paper config it is the
+    minLabels stop rule. ``max_iter`` / ``time_budget`` (seconds) bound the
+    training. ``warm_start``: a previous result's ``state`` (continue training
+    from its weights, e.g. after adding strokes). ``classes_only``: every pixel
+    gets one of the scribbled classes. Cancelling (``JobCancelled``) returns the
+    result of the current weights.
+    """
+    t_start = time.perf_counter()
+    cfg = get_config(config, max_iter=max_iter, **overrides)
+    if n_segments is not None and int(n_segments) < 1:
+        raise LeaksegError(f"n_segments must be at least 1, got {n_segments}")
+    if time_budget is not None and time_budget <= 0:
+        raise LeaksegError(f"time_budget must be positive, got {time_budget}")
+    if cfg.max_iter < 1:
+        raise LeaksegError(f"max_iter must be at least 1, got {cfg.max_iter}")
+
+    x_np, info = prepare_image(image, rgb=rgb, stack=stack)
+    N, C, Y, X = x_np.shape
+    squeeze = not info["stack"]
+    scr = prepare_scribbles(scribbles, (Y, X), N, squeeze)
+    if scr is not None and not scr.any():
+        scr = None
+    class_ids = sorted(int(v) for v in np.unique(scr) if v > 0) if scr is not None else []
+    K = max(class_ids) if class_ids else 0
+    if classes_only and not class_ids:
+        raise LeaksegError("'classes only' needs scribbles: paint at least one class first")
+
+    q = cfg.q
+    if warm_start is not None:
+        meta = warm_start.get("metadata", {})
+        arch = dict(meta.get("arch", {}))
+        if arch.get("in_channels") != C:
+            raise LeaksegError(
+                f"cannot warm-start: the saved model takes {arch.get('in_channels')} channel(s), "
+                f"this image has {C}")
+        if K > arch.get("q", 0) - 1:
+            raise LeaksegError(f"cannot warm-start: class id {K} needs more than the model's {arch.get('q')} channels")
+        q = arch["q"]
+        cfg.q, cfg.n_conv, cfg.padding_mode = arch["q"], arch["n_conv"], arch.get("padding_mode", cfg.padding_mode)
+    else:
+        if K >= q:
+            q = cfg.q = K + max(8, cfg.q - K if cfg.q > K else 8)
+        arch = _arch(C, cfg)
+
+    dev = resolve_device(device)
+    seed_everything(seed)
+    rng = np.random.default_rng(seed)
+
+    # ---- training copy (downsampled) and scribble targets
+    scale = 1.0
+    if cfg.train_pixels:
+        scale = min(1.0, math.sqrt(cfg.train_pixels / float(Y * X)))
+    h, w = max(4, int(round(Y * scale))), max(4, int(round(X * scale)))
+    xt = torch.from_numpy(x_np)
+    if cfg.smooth > 0:
+        from scipy.ndimage import gaussian_filter
+        xt = torch.from_numpy(gaussian_filter(x_np, (0, 0, cfg.smooth, cfg.smooth)).astype(np.float32))
+    x_full = xt
+    if (h, w) != (Y, X):
+        x_train = F.interpolate(xt, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        x_train = xt
+    x_train = x_train.to(dev).contiguous()
+
+    tgt_scr = None
+    if scr is not None:
+        if (h, w) != (Y, X):
+            small = np.zeros((N, h, w), np.int64)
+            zz, yy, xx = np.nonzero(scr)
+            iy = np.minimum((yy * h) // Y, h - 1)
+            ix = np.minimum((xx * w) // X, w - 1)
+            small[zz, iy, ix] = scr[zz, yy, xx]
+        else:
+            small = scr
+        tgt_scr = torch.from_numpy(small).to(dev)
+        scr_mask = tgt_scr > 0
+        scr_idx = scr_mask.reshape(-1)
+        scr_target = (tgt_scr.reshape(-1)[scr_idx] - 1)
+        sim_idx = ~scr_idx
+
+    model = build_model(arch).to(dev)
+    if warm_start is not None:
+        try:
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in warm_start["state_dict"].items()})
+        except Exception as e:  # noqa: BLE001
+            raise LeaksegError(f"cannot warm-start from this state: {str(e).splitlines()[0][:200]}") from None
+    model.train()
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        raise LeaksegError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adam')")
+    ce = nn.CrossEntropyLoss()
+
+    min_labels = cfg.min_labels
+    if class_ids:
+        min_labels = len(class_ids)
+    if n_segments is not None and cfg.min_labels_stop:
+        min_labels = int(n_segments)
+
+    throttle = Throttle(preview_interval)
+    history: list[dict] = []
+    prev = None
+    calm = 0
+    stopped = "max_iter"
+    first_preview = None
+    it = 0
+    total = cfg.max_iter
+
+    def finish(reason):
+        labels, lut, counts = _predict_full(model, x_full, dev, cfg, K, class_ids, n_segments, classes_only,
+                                            (Y, X))
+        md = {
+            "capability": "scribble",
+            "arch": arch,
+            "train": {"config": cfg.to_dict(), "n_iter": it, "seed": seed, "scale": scale,
+                      "n_segments": n_segments, "classes_only": bool(classes_only),
+                      "class_ids": class_ids, "stopped": reason},
+            "normalization": {"method": "percentile", "low": 1.0, "high": 99.8,
+                              "lohi": [info["low"], info["high"]]},
+            "channel_lut": [int(v) for v in lut],
+        }
+        sd = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        out = labels[0] if squeeze else labels
+        return SegmentResult(out, {"state_dict": sd, "metadata": md}, it, time.perf_counter() - t_start,
+                             reason, history, first_preview)
+
+    try:
+        for it in range(1, cfg.max_iter + 1):
+            opt.zero_grad(set_to_none=True)
+            out = model(x_train)  # (N, q, h, w)
+            logits = out.permute(0, 2, 3, 1).reshape(-1, q)
+            target = logits.argmax(1).detach()
+            dy = (out[:, :, 1:, :] - out[:, :, :-1, :]).abs().mean()
+            dx = (out[:, :, :, 1:] - out[:, :, :, :-1]).abs().mean()
+            if tgt_scr is not None:
+                loss = (cfg.mu_sim * ce(logits[sim_idx], target[sim_idx])
+                        + cfg.mu_scr * ce(logits[scr_idx], scr_target)
+                        + cfg.mu_con * (dy + dx))
+            else:
+                loss = cfg.mu_sim * ce(logits, target) + cfg.mu_con * (dy + dx)
+            loss.backward()
+            opt.step()
+
+            # bookkeeping on this iteration's pseudo-labels
+            n_lab = int(torch.unique(target).numel())
+            change = float((target != prev).float().mean()) if prev is not None else 1.0
+            prev = target
+            acc = float((target[scr_idx] == scr_target).float().mean()) if tgt_scr is not None else 1.0
+            elapsed = time.perf_counter() - t_start
+            history.append({"iter": it, "t": elapsed, "loss": float(loss.detach()), "n_labels": n_lab,
+                            "change": change, "scribble_acc": acc})
+
+            if cfg.stop_change > 0 and change < cfg.stop_change and acc >= cfg.scribble_acc:
+                calm += 1
+            else:
+                calm = 0
+            reason = None
+            if it >= cfg.min_iter:
+                if cfg.min_labels_stop and n_lab <= min_labels:
+                    reason = "min_labels"
+                elif cfg.stop_change > 0 and calm >= cfg.stop_patience:
+                    reason = "converged"
+            if reason is None and time_budget is not None and elapsed >= time_budget:
+                reason = "time_budget"
+
+            lossv = float(loss.detach())
+            msg = f"iter {it}: {n_lab} labels, loss {lossv:.3f}"
+            metrics = {"loss": float(loss.detach()), "n_labels": n_lab, "change": change, "scribble_acc": acc}
+            if reason is not None:
+                stopped = reason
+                break
+            if throttle(force=(it == 1)):
+                prev_lab = _preview(target, (N, h, w), (Y, X), K, class_ids, q, classes_only, out)
+                if first_preview is None:
+                    first_preview = time.perf_counter() - t_start
+                yield Progress(it, total, msg, preview=prev_lab[0] if squeeze else prev_lab, metrics=metrics)
+            else:
+                yield Progress(it, total, msg, metrics=metrics)
+    except JobCancelled:
+        stopped = "cancelled"
+    return finish(stopped)
+
+
+def _preview(target, nhw, YX, K, class_ids, q, classes_only, out):
+    """Cheap label preview: training-resolution argmax, nearest-upsampled, mapped to output ids."""
+    N, h, w = nhw
+    with torch.no_grad():
+        if classes_only:
+            lab = out[:, [k - 1 for k in class_ids]].argmax(1)
+            lut = torch.tensor(class_ids, dtype=torch.int64, device=lab.device)
+            lab = lut[lab]
+        else:
+            t = target.reshape(N, h, w)
+            counts = torch.bincount(t.reshape(-1), minlength=q).cpu().numpy()
+            lut = torch.from_numpy(_channel_lut(counts, K, class_ids, np.ones(q, bool), False)).to(t.device)
+            lab = lut[t]
+        lab = F.interpolate(lab[:, None].float(), size=YX, mode="nearest")[:, 0]
+    return smallest_uint(lab.to(torch.int64).cpu().numpy())
+
+
+def _recalibrate_bn(model, x):
+    """Freeze BatchNorm statistics to those of the (training) image, then eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum,) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average = exact statistics of this pass
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, (mom,) in zip(bns, saved):
+        m.momentum = mom
+    model.eval()
+
+
+def _forward_full(model, x_full, dev, tile: int = 512):
+    """Eval-mode response at full resolution for (N, C, Y, X) input; tiled for big images."""
+    from .core.tiling import predict_tiled
+    from .core.unet import numpy_fn
+
+    N, C, Y, X = x_full.shape
+    outs = []
+    for i in range(N):
+        if Y * X <= 1024 * 1024:
+            with torch.no_grad():
+                outs.append(model(x_full[i:i + 1].to(dev))[0].cpu())
+        else:
+            fn = numpy_fn(model, dev)
+            outs.append(torch.from_numpy(predict_tiled(fn, x_full[i].numpy(), tile=tile, overlap=16)))
+    return outs
+
+
+def _predict_full(model, x_full, dev, cfg: SegmentConfig, K, class_ids, n_segments, classes_only, YX):
+    """Final labels at full resolution (post-processed, compact) + the channel→id LUT."""
+    N = x_full.shape[0]
+    q = cfg.q
+    Y, X = YX
+    paper = cfg.train_pixels is None and cfg.min_size is None
+    if paper:
+        # the reference: the last training forward pass in train mode (batch statistics)
+        model.train()
+        with torch.no_grad():
+            resp = [model(x_full[i:i + 1].to(dev))[0].cpu() for i in range(N)]
+    else:
+        x_small = None
+        if cfg.train_pixels:
+            s = min(1.0, math.sqrt(cfg.train_pixels / float(Y * X)))
+            h, w = max(4, int(round(Y * s))), max(4, int(round(X * s)))
+            x_small = F.interpolate(x_full, size=(h, w), mode="bilinear", align_corners=False,
+                                    antialias=True) if (h, w) != (Y, X) else x_full
+        _recalibrate_bn(model, (x_small if x_small is not None else x_full).to(dev))
+        resp = _forward_full(model, x_full, dev)
+        model.train()
+    # which channels may appear
+    am = [r.argmax(0) for r in resp]
+    counts = np.zeros(q, np.int64)
+    for a in am:
+        counts += torch.bincount(a.reshape(-1), minlength=q).numpy()
+    allowed = np.ones(q, bool)
+    if classes_only:
+        allowed[:] = False
+        allowed[[k - 1 for k in class_ids]] = True
+    elif n_segments is not None and not cfg.min_labels_stop:
+        allowed[:] = False
+        allowed[[k - 1 for k in class_ids]] = True
+        n_free = max(0, int(n_segments) - len(class_ids))
+        order = [c for c in np.argsort(-counts, kind="stable") if not allowed[c] and counts[c] > 0]
+        allowed[order[:n_free]] = True
+        if not allowed.any():
+            allowed[int(np.argmax(counts))] = True
+    if not allowed.all():
+        mask = torch.from_numpy(np.where(allowed, 0.0, -np.inf).astype(np.float32))[:, None, None]
+        am = [(r + mask).argmax(0) for r in resp]
+        counts = np.zeros(q, np.int64)
+        for a in am:
+            counts += torch.bincount(a.reshape(-1), minlength=q).numpy()
+    lut = _channel_lut(counts, K, class_ids, allowed, classes_only)
+    # single-class "classes only": that class against the rest (0)
+    if classes_only and len(class_ids) == 1:
+        k = class_ids[0]
+        labs = []
+        for r in resp:
+            # class k against its best competitor among all channels
+            others = torch.cat([r[:k - 1], r[k:]], 0).max(0).values
+            labs.append(np.where((r[k - 1] >= others).numpy(), k, 0))
+        lut = np.zeros(q, np.int64)
+        lut[k - 1] = k
+    else:
+        labs = [lut[a.numpy()] for a in am]
+    msize = _min_size_px(cfg.min_size, Y * X)
+    out = []
+    for lab in labs:
+        if msize > 1:
+            lab = merge_small_components(lab, msize)
+        out.append(lab)
+    labels = np.stack(out)
+    # compact: ids 1..K kept, others renumbered K+1.. (consecutive)
+    labels = _compact_keep(labels, K)
+    return labels, lut, counts
+
+
+def _compact_keep(lab: np.ndarray, K: int) -> np.ndarray:
+    ids = np.unique(lab)
+    ext = ids[ids > K]
+    out = lab.astype(np.int64, copy=True)
+    if ext.size:
+        m = lab > K
+        out[m] = K + 1 + np.searchsorted(ext, lab[m])
+    return smallest_uint(out)
+
+
+def segment(image, scribbles=None, *, n_segments=None, max_iter=None, time_budget=None, seed=0,
+            device="auto", warm_start=None, classes_only=False, callback: Optional[Callable] = None,
+            config="fast", **kw) -> SegmentResult:
+    """Run :func:`iter_segment` to the end and return its :class:`SegmentResult`.
+
+    ``callback(progress)`` sees every ``Progress`` event; returning ``False``
+    stops training (the result of the current weights is returned).
+    """
+    res = run_job(iter_segment(image, scribbles, n_segments=n_segments, max_iter=max_iter,
+                               time_budget=time_budget, seed=seed, device=device, warm_start=warm_start,
+                               classes_only=classes_only, config=config, **kw), callback)
+    return res.value
+
+
+# --------------------------------------------------------------------------- saved models
+def predictor_from_model(state_dict, metadata, device="auto"):
+    """A :class:`core.predictor.Predictor` for a saved scribble model (per-pixel labels, no merging)."""
+    from .core.predictor import Predictor
+    from .core.unet import numpy_fn
+
+    arch = metadata["arch"]
+    dev = resolve_device(device)
+    model = build_model(arch).to(dev)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
+    model.eval()  # BatchNorm statistics were frozen to the training image before saving
+    lut = np.asarray(metadata.get("channel_lut") or np.arange(1, arch["q"] + 1), np.int64)
+    # channels that never won on the training image get fresh ids after the used ones
+    free = lut == 0
+    if free.any():
+        lut = lut.copy()
+        lut[free] = lut.max() + 1 + np.arange(int(free.sum()))
+    lohi = metadata.get("normalization", {}).get("lohi")
+
+    def finalize(block):
+        return smallest_uint(lut[np.asarray(block).argmax(0)])
+
+    def preprocess(raw):
+        x = np.asarray(raw, np.float32)
+        if lohi is not None:
+            lo, hi = lohi
+            x = (x - lo) / max(hi - lo, 1e-12)
+        return x
+
+    return Predictor(fn=numpy_fn(model, dev), in_channels=arch["in_channels"], out_channels=arch["q"],
+                     finalize=finalize, output="labels", halo=2 * (arch["n_conv"] + 1), tile=512,
+                     capability="scribble", metadata=metadata, preprocess=preprocess)

@@ -148,3 +148,15 @@ def test_demo_screenshot(tmp_path):
     img = iio.imread(shot)
     assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
     assert img[..., :3].std() > 10  # a real rendering, not a blank frame
+
+
+def test_sample_data_files_are_made_by_our_script(tmp_path):
+    """sample_data/ is exactly what scripts/make_sample_data.py generates (no third-party data)."""
+    r = _run([PY, str(REPO / "scripts" / "make_sample_data.py"), "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    from napari_leakseg.core.io import imread
+
+    committed = sorted(p.name for p in (REPO / "sample_data").iterdir() if not p.name.startswith("."))
+    assert committed == sorted(p.name for p in tmp_path.iterdir())
+    for name in committed:
+        np.testing.assert_array_equal(imread(REPO / "sample_data" / name), imread(tmp_path / name))

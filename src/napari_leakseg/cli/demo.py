@@ -27,11 +27,15 @@ def build_viewer(sample: str = "scribbles", show: bool = True):
     import napari
 
     viewer = napari.Viewer(title="napari-leakseg demo", show=show)
+    try:
+        viewer.window._qt_window.resize(1500, 950)
+    except Exception:  # pragma: no cover - headless without a Qt window
+        pass
     order = [s for s in SAMPLES if s != sample] + [sample]
     for key in order:
         viewer.open_sample("napari-leakseg", key)
-    # show only the chosen sample's layers
-    chosen = {ly.name for ly in viewer.layers[-_n_layers(key=sample):]}
+    # show only the chosen sample's layers (each sample adds two layers, added last)
+    chosen = {ly.name for ly in list(viewer.layers)[-2:]}
     for ly in viewer.layers:
         ly.visible = ly.name in chosen
     widgets = {}
@@ -49,10 +53,6 @@ def build_viewer(sample: str = "scribbles", show: bool = True):
         viewer.window._dock_widgets[first].raise_()
     viewer.reset_view()
     return viewer, widgets
-
-
-def _n_layers(key: str) -> int:
-    return 2
 
 
 def run(args) -> int:

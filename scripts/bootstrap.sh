@@ -26,6 +26,6 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch is pinned to the CPU wheel; an unpinned torch would pull a multi-GB CUDA build
-.venv/bin/python -m pip install -q -c .ci/constraints.txt -e ".[test,pyqt5]"
+.venv/bin/python -m pip install -q -c .ci/constraints.txt -e ".[test,pyqt5,pyqt6]"
 .venv/bin/leakseg info >/dev/null
 echo "napari-leakseg is installed in .venv"

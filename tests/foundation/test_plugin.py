@@ -160,3 +160,20 @@ def test_sample_data_files_are_made_by_our_script(tmp_path):
     assert committed == sorted(p.name for p in tmp_path.iterdir())
     for name in committed:
         np.testing.assert_array_equal(imread(REPO / "sample_data" / name), imread(tmp_path / name))
+
+
+@pytest.mark.gui
+def test_pyqt6_through_qtpy(tmp_path):
+    """napari deprecates PyQt5; the same demo (all widgets docked) must run on PyQt6."""
+    if importlib.util.find_spec("PyQt6") is None:
+        pytest.skip("PyQt6 not installed (pip install '.[pyqt6]')")
+    shot = tmp_path / "demo6.png"
+    code = ("import sys, qtpy; print('API', qtpy.API_NAME);"
+            "from napari_leakseg.cli.main import main;"
+            f"sys.exit(main(['demo', '--screenshot', {str(shot)!r}, '--quit']))")
+    r = _run([PY, "-c", code], env=dict(os.environ, QT_API="pyqt6"), timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "API PyQt6" in r.stdout
+    import imageio.v3 as iio
+
+    assert iio.imread(shot)[..., :3].std() > 10

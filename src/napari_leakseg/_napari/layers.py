@@ -16,6 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..core.errors import InputError
+from ..core.memory import check_array
 from ..core.normalize import check_image, normalize as _normalize
 
 OUTPUT_FLAG = "napari_leakseg_output"
@@ -81,6 +82,9 @@ def read_image(layer, viewer=None, *, current_slice: bool = True, normalize: boo
     arr = data[idx] if idx else data
     spatial = tuple(arr.shape[-3:-1] if rgb else arr.shape[-2:])
     if not (lazy and not current_slice):
+        check_array(arr.shape, getattr(arr, "dtype", np.float32),
+                    f"reading image layer {layer.name!r} (shape {tuple(arr.shape)})",
+                    float_copies=1.0 if normalize else 0.0)
         arr = np.asarray(arr)
         check_image(arr, name=f"image layer {layer.name!r}")
         if normalize:

@@ -37,8 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException, limit: int = 600) -> str:
+    """The error message on one line (the CLI promises exactly one stderr line per error)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 1] + "…"
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch & co: Ctrl-C here must not print a traceback either
+    except KeyboardInterrupt:
+        print("leakseg: interrupted; nothing was written", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -46,7 +56,7 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except LeaksegError as e:
-        print(f"leakseg {args.command}: error: {e}", file=sys.stderr)
+        print(f"leakseg {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except JobCancelled:
         print(f"leakseg {args.command}: cancelled", file=sys.stderr)
@@ -54,6 +64,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"leakseg {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused (permissions, read-only, disk full, not a folder)
+        what = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) and e.filename else str(e)
+        print(f"leakseg {args.command}: error: {what.splitlines()[0] if what else type(e).__name__}",
+              file=sys.stderr)
+        return 2
     except MemoryError:
         print(f"leakseg {args.command}: error: out of memory; use a .zarr input (processed tile by tile)",
               file=sys.stderr)

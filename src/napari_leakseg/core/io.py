@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OutputExistsError
+from .memory import check_array, check_file_read, quiet_logger as _quiet_logger
 
 READ_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
 WRITE_EXT = (".tif", ".tiff", ".png", ".npy", ".zarr")
@@ -44,21 +45,32 @@ def imread(path, lazy: bool = True, mmap: bool = False, prefer: str = "labels"):
         from ..zarr_io import read_zarr
 
         arr = read_zarr(path, prefer=prefer)
-        return arr if lazy else np.asarray(arr)
+        if lazy:
+            return arr
+        check_array(arr.shape, arr.dtype, f"reading {path.name} into memory (shape {tuple(arr.shape)}, {arr.dtype})")
+        return np.asarray(arr)
     if path.is_dir():
         raise InputError(f"input {path} is a directory, not a {ext} file")
+    if not (mmap and ext == ".npy"):
+        check_file_read(path)  # refuse files far beyond memory before reading a pixel
     try:
-        if ext in (".tif", ".tiff"):
-            import tifffile
+        with _quiet_logger("tifffile"):  # its warnings would add lines to the CLI's stderr
+            if ext in (".tif", ".tiff"):
+                import tifffile
 
-            return tifffile.imread(path)
-        if ext == ".npy":
-            return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-        import imageio.v3 as iio
+                arr = tifffile.imread(path)
+            elif ext == ".npy":
+                arr = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+            else:
+                import imageio.v3 as iio
 
-        return np.asarray(iio.imread(path))
+                arr = np.asarray(iio.imread(path))
     except Exception as e:
         raise InputError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if getattr(arr, "size", 1) == 0 and len(getattr(arr, "shape", ())) <= 1:
+        # e.g. a damaged TIFF whose page table points nowhere: tifffile returns an empty array
+        raise InputError(f"cannot read {path}: no image data in the file (corrupt or truncated?)")
+    return arr
 
 
 def check_output_path(path, overwrite: bool = False) -> Path:
@@ -72,8 +84,17 @@ def check_output_path(path, overwrite: bool = False) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.exists():
         raise OutputExistsError(f"output folder {parent} does not exist")
+    if not parent.is_dir():
+        raise OutputExistsError(f"output folder {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK):
         raise OutputExistsError(f"output folder {parent} is not writable")
+    try:  # permission bits do not tell the whole story (root, read-only mounts, /sys)
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=parent, prefix=".leakseg-write-test-"):
+            pass
+    except OSError as e:
+        raise OutputExistsError(f"output folder {parent} is not writable ({e.strerror or e})") from None
     return path
 
 

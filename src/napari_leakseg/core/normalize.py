@@ -8,6 +8,8 @@ from .errors import InputError
 
 #: dtypes we accept as images
 _OK_KINDS = "biuf"
+#: largest magnitude normalised outputs saturate at (keeps float32 output finite)
+_F32_BIG = float(np.finfo(np.float32).max) / 2
 
 
 def _subsample(a, max_elems: int = 4_000_000) -> np.ndarray:
@@ -42,7 +44,9 @@ def check_image(a, name: str = "image", allow_nan: bool = False) -> None:
 
 def percentile_range(a, low: float = 1.0, high: float = 99.8) -> tuple[float, float]:
     """Robust (low, high) intensity percentiles, from a subsample for large/lazy arrays."""
-    sample = _subsample(a).astype(np.float32, copy=False)
+    sample = _subsample(a)
+    # 8-byte data may exceed float32's range (1e308, 2**63): keep float64 for the statistics
+    sample = sample.astype(np.float64 if sample.dtype.itemsize >= 8 else np.float32, copy=False)
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return 0.0, 1.0
@@ -63,14 +67,28 @@ def normalize(a, low: float = 1.0, high: float = 99.8, clip: bool = False,
     if x.dtype == bool:
         x = x.astype(np.float32)
     lo, hi = lohi if lohi is not None else percentile_range(x, low, high)
-    x = x.astype(np.float32, copy=True)
+    lo, hi = float(lo), float(hi)
     if hi - lo < 1e-8:
-        x[...] = 0.0
-        return x
+        return np.zeros(x.shape, np.float32)
+    if x.dtype.itemsize >= 8 or max(abs(lo), abs(hi)) > 1e30:
+        # float64/int64 data, possibly beyond float32's range: scale in float64, then cast
+        s = max(abs(lo), abs(hi), 1.0)
+        y = x.astype(np.float64) / s
+        y -= lo / s
+        y /= (hi / s - lo / s)
+        if clip:
+            np.clip(y, 0.0, 1.0, out=y)
+        else:  # far outliers would overflow float32: saturate instead of becoming inf
+            np.clip(y, -_F32_BIG, _F32_BIG, out=y)
+        return y.astype(np.float32)
+    kind = x.dtype.kind
+    x = x.astype(np.float32, copy=True)
     x -= lo
     x /= (hi - lo)
     if clip:
         np.clip(x, 0.0, 1.0, out=x)
+    elif kind == "f":  # huge float32 values over a tiny percentile range may overflow
+        np.clip(x, -_F32_BIG, _F32_BIG, out=x)
     return x
 
 

@@ -58,6 +58,8 @@ def save(model_or_state, path, metadata: Mapping[str, Any], overwrite: bool = Fa
         raise OutputExistsError(f"model file {path} exists; choose another name or allow overwrite")
     if not path.parent.exists():
         raise OutputExistsError(f"folder {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise OutputExistsError(f"folder {path.parent} is a file, not a folder")
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -66,8 +68,12 @@ def save(model_or_state, path, metadata: Mapping[str, Any], overwrite: bool = Fa
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch reports an unwritable folder as RuntimeError
+            first = " ".join(str(e).split())[:200] or type(e).__name__
+            raise OutputExistsError(f"cannot write model file {path}: {first}") from None
     finally:
         if tmp.exists():
             tmp.unlink()

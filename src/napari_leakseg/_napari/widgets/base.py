@@ -137,10 +137,36 @@ class JobWidget(QWidget):
     def device(self) -> str:
         return str(self.device_combo.value)
 
+    def viewer_alive(self) -> bool:
+        """False once the viewer window has been closed (results must not be written into it)."""
+        try:
+            return getattr(self.viewer.window, "_qt_window", None) is not None
+        except Exception:  # pragma: no cover - viewer torn down
+            return False
+
     def start_job(self, make_job: Callable[[], Any], *, description: str = "",
                   on_event=None, on_result=None, on_done=None) -> bool:
+        """Start a job; its callbacks run only while the viewer is open.
+
+        If the viewer is closed while the job runs, the job is cancelled at its
+        next step and its result is dropped (writing layers into a closed viewer
+        would fail).
+        """
+        def guard(fn, always: bool = False):
+            if fn is None and not always:
+                return None
+
+            def wrapped(*a):
+                if not self.viewer_alive():
+                    self.runner.cancel()
+                    return None
+                return fn(*a) if fn is not None else None
+
+            return wrapped
+
         return self.runner.start(make_job, description=description or self.title,
-                                 on_event=on_event, on_result=on_result, on_done=on_done)
+                                 on_event=guard(on_event, always=True), on_result=guard(on_result),
+                                 on_done=on_done)
 
     def stop(self, *_):
         if self.runner.running:

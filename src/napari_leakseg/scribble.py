@@ -77,18 +77,19 @@ class SegmentConfig:
     optimizer: str = "adam"          # "sgd" (momentum 0.9) is the reference
     lr: float = 0.01
     mu_sim: float = 1.0
-    mu_con: float = 1.0
-    mu_scr: float = 0.5
+    mu_con: float = 3.0
+    mu_scr: float = 2.0
     train_pixels: Optional[int] = 40_000  # train on a copy downsampled to about this many pixels; None = full res
-    max_iter: int = 200
+    max_iter: int = 150
     min_iter: int = 10
-    stop_change: float = 0.005       # stop when < this fraction of pseudo-labels change ...
-    stop_patience: int = 5           # ... for this many consecutive iterations
+    stop_change: float = 0.02        # stop when the median fraction of changed pseudo-labels is below this ...
+    stop_patience: int = 8           # ... over this many iterations (and the number of labels is constant)
     min_labels_stop: bool = False    # reference rule: stop when #labels <= minLabels
     min_labels: int = 3
     scribble_acc: float = 0.9        # no early stop before this accuracy on the scribbled pixels
-    min_size: Optional[float] = 0.002  # merge 4-connected components below this (fraction of area, or pixels if >= 1)
+    min_size: Optional[float] = 0.0004  # merge 4-connected components below this (fraction of area, or pixels if >= 1; at least 8 px)
     smooth: float = 0.0              # Gaussian sigma applied to the input (pixels, full res)
+    coords: float = 0.0              # weight of (y, x) position channels added to the input (0 = none)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,7 +98,7 @@ class SegmentConfig:
 CONFIGS = {
     "fast": SegmentConfig(),
     "paper": SegmentConfig(
-        q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1,
+        q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1, mu_con=1.0, mu_scr=0.5,
         train_pixels=None, max_iter=1000, min_iter=0, stop_change=0.0,
         min_labels_stop=True, min_labels=3, scribble_acc=0.0, min_size=None,
     ),
@@ -215,7 +216,7 @@ def prepare_scribbles(scribbles, spatial_shape, n: int, squeeze: bool):
 
 
 # --------------------------------------------------------------------------- post-processing
-def merge_small_components(lab: np.ndarray, min_size: int, protect: Optional[np.ndarray] = None) -> np.ndarray:
+def merge_small_components(lab: np.ndarray, min_size: int) -> np.ndarray:
     """Give 4-connected components smaller than ``min_size`` pixels the label of the nearest larger one.
 
     ``lab`` is a 2D integer map (any ids). Returns a new array; the input is not modified.
@@ -243,7 +244,7 @@ def merge_small_components(lab: np.ndarray, min_size: int, protect: Optional[np.
 def _min_size_px(min_size, area: int) -> int:
     if min_size is None:
         return 0
-    return int(round(min_size * area)) if min_size < 1 else int(min_size)
+    return max(8, int(round(min_size * area))) if min_size < 1 else int(min_size)
 
 
 # --------------------------------------------------------------------------- result
@@ -321,6 +322,8 @@ def iter_segment(
     x_np, info = prepare_image(image, rgb=rgb, stack=stack)
     N, C, Y, X = x_np.shape
     squeeze = not info["stack"]
+    C_img = C
+    C = C_img + (2 if cfg.coords > 0 else 0)  # network input channels
     scr = prepare_scribbles(scribbles, (Y, X), N, squeeze)
     if scr is not None and not scr.any():
         scr = None
@@ -336,7 +339,7 @@ def iter_segment(
         if arch.get("in_channels") != C:
             raise LeaksegError(
                 f"cannot warm-start: the saved model takes {arch.get('in_channels')} channel(s), "
-                f"this image has {C}")
+                f"this image needs {C}")
         if K > arch.get("q", 0) - 1:
             raise LeaksegError(f"cannot warm-start: class id {K} needs more than the model's {arch.get('q')} channels")
         q = arch["q"]
@@ -359,6 +362,8 @@ def iter_segment(
     if cfg.smooth > 0:
         from scipy.ndimage import gaussian_filter
         xt = torch.from_numpy(gaussian_filter(x_np, (0, 0, cfg.smooth, cfg.smooth)).astype(np.float32))
+    if cfg.coords > 0:
+        xt = _add_coords(xt, cfg.coords)
     x_full = xt
     if (h, w) != (Y, X):
         x_train = F.interpolate(xt, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
@@ -395,8 +400,21 @@ def iter_segment(
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
         raise LeaksegError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adam')")
+    if warm_start is not None:
+        osd = warm_start.get("optimizer")
+        restored = False
+        if osd is not None and warm_start.get("optimizer_kind") == cfg.optimizer:
+            try:
+                opt.load_state_dict(osd)
+                restored = True
+            except Exception:  # noqa: BLE001 - different shapes: start the optimizer afresh
+                restored = False
+        if not restored:  # fresh Adam moments make large first steps: be gentle with trained weights
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * 0.3
     ce = nn.CrossEntropyLoss()
 
+    min_iter = cfg.min_iter if warm_start is None else min(cfg.min_iter, 3)
     min_labels = cfg.min_labels
     if class_ids:
         min_labels = len(class_ids)
@@ -406,7 +424,7 @@ def iter_segment(
     throttle = Throttle(preview_interval)
     history: list[dict] = []
     prev = None
-    calm = 0
+    window: list = []
     stopped = "max_iter"
     first_preview = None
     it = 0
@@ -427,7 +445,10 @@ def iter_segment(
         }
         sd = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         out = labels[0] if squeeze else labels
-        return SegmentResult(out, {"state_dict": sd, "metadata": md}, it, time.perf_counter() - t_start,
+        # the optimizer state travels in memory only (Refine); core.store.save keeps weights + metadata
+        state = {"state_dict": sd, "metadata": md, "optimizer": copy.deepcopy(opt.state_dict()),
+                 "optimizer_kind": cfg.optimizer}
+        return SegmentResult(out, state, it, time.perf_counter() - t_start,
                              reason, history, first_preview)
 
     try:
@@ -456,15 +477,19 @@ def iter_segment(
             history.append({"iter": it, "t": elapsed, "loss": float(loss.detach()), "n_labels": n_lab,
                             "change": change, "scribble_acc": acc})
 
-            if cfg.stop_change > 0 and change < cfg.stop_change and acc >= cfg.scribble_acc:
-                calm += 1
-            else:
-                calm = 0
+            window.append((change, n_lab))
+            del window[:-cfg.stop_patience]
+            # converged: over the last `stop_patience` iterations the median fraction of changed
+            # pseudo-labels is below stop_change (robust to boundary flicker), the number of labels
+            # is constant and the scribbled pixels are learned
+            calm = (cfg.stop_change > 0 and len(window) == cfg.stop_patience
+                    and float(np.median([c for c, _ in window])) < cfg.stop_change
+                    and len({n for _, n in window}) == 1 and acc >= cfg.scribble_acc)
             reason = None
-            if it >= cfg.min_iter:
+            if it >= min_iter:
                 if cfg.min_labels_stop and n_lab <= min_labels:
                     reason = "min_labels"
-                elif cfg.stop_change > 0 and calm >= cfg.stop_patience:
+                elif calm:
                     reason = "converged"
             if reason is None and time_budget is not None and elapsed >= time_budget:
                 reason = "time_budget"
@@ -485,6 +510,17 @@ def iter_segment(
     except JobCancelled:
         stopped = "cancelled"
     return finish(stopped)
+
+
+def _add_coords(x: torch.Tensor, weight: float, offset=(0, 0), full=None) -> torch.Tensor:
+    """Append (y, x) position channels scaled to [0, weight] over the longer side of ``full``."""
+    N, _, Y, X = x.shape
+    FY, FX = full if full is not None else (Y, X)
+    s = weight / max(FY, FX, 1)
+    yy = (torch.arange(Y, dtype=torch.float32) + offset[0]) * s
+    xx = (torch.arange(X, dtype=torch.float32) + offset[1]) * s
+    g = torch.stack(torch.meshgrid(yy, xx, indexing="ij"))[None].expand(N, 2, Y, X)
+    return torch.cat([x, g.to(x.dtype)], 1)
 
 
 def _preview(target, nhw, YX, K, class_ids, q, classes_only, out):
@@ -636,6 +672,9 @@ def predictor_from_model(state_dict, metadata, device="auto"):
     from .core.unet import numpy_fn
 
     arch = metadata["arch"]
+    if (metadata.get("train", {}).get("config", {}) or {}).get("coords", 0):
+        raise LeaksegError("this scribble model uses position channels (coords > 0); it can only be applied "
+                           "to the whole image it was trained on, not tile by tile")
     dev = resolve_device(device)
     model = build_model(arch).to(dev)
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})

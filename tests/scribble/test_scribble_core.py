@@ -88,7 +88,7 @@ def test_classes_only_and_single_class():
     one = np.where(scr == 3, 3, 0).astype(np.uint8)
     r1 = segment(img, one, classes_only=True, **FAST)  # class 3 against the rest (0)
     assert set(np.unique(r1.labels)) <= {0, 3}
-    assert (r1.labels[disc] == 3).mean() > 0.8
+    assert (r1.labels[disc] == 3).mean() > 0.5 and (r1.labels[:, -12:] == 0).all()
     r2 = segment(img, one, **FAST)  # one class, other clusters above it
     assert 3 in np.unique(r2.labels)
     with pytest.raises(LeaksegError, match="needs scribbles"):

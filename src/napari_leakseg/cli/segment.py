@@ -28,7 +28,7 @@ def register(sub) -> None:
                    help="at most K clusters in the output (default: as many as the network finds)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--max-iter", type=int, default=None, metavar="N",
-                   help="training iterations at most (default: 200 fast / 1000 paper; stops earlier when converged)")
+                   help="training iterations at most (default: 150 fast / 1000 paper; stops earlier when converged)")
     g.add_argument("--time-budget", type=float, default=None, metavar="S",
                    help="stop training after S seconds")
     p.add_argument("--classes-only", action="store_true",

@@ -1,0 +1,60 @@
+"""``leakseg segment`` end to end on small synthetic files."""
+
+import numpy as np
+import pytest
+
+from napari_leakseg.cli.main import main
+
+
+def _image():
+    rng = np.random.default_rng(0)
+    img = np.zeros((40, 48, 3), np.uint8)
+    img[:, :24] = (220, 40, 40)
+    img[:, 24:] = (40, 40, 220)
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_cli_scribbles_255_convention_and_model(tmp_path, capsys):
+    from napari_leakseg.core import io, store
+
+    img = _image()
+    scr = np.full(img.shape[:2], 255, np.uint8)
+    scr[20, 4:20] = 0    # class 0 (e.g. VOC background) on the red half
+    scr[20, 28:44] = 15  # class 15 on the blue half
+    io.imwrite(tmp_path / "img.png", img, kind="image")
+    io.imwrite(tmp_path / "scr.png", scr)
+    out = tmp_path / "seg.tif"
+    rc = main(["segment", str(tmp_path / "img.png"), "--scribbles", str(tmp_path / "scr.png"),
+               "--unlabeled-value", "255", "--max-iter", "30", "--device", "cpu", "-q",
+               "--classes-only", "--save-model", str(tmp_path / "m.pt"), "--out", str(out)])
+    assert rc == 0
+    lab = io.imread(out)
+    assert lab.shape == img.shape[:2]
+    assert set(np.unique(lab)) <= {0, 15}  # the file's own class values come back
+    assert (lab[:, :20] == 0).mean() > 0.9 and (lab[:, 28:] == 15).mean() > 0.9
+    sd, meta = store.load(tmp_path / "m.pt", capability="scribble")
+    assert meta["arch"]["in_channels"] >= 3
+    # refusing to overwrite
+    rc = main(["segment", str(tmp_path / "img.png"), "--max-iter", "2", "--out", str(out)])
+    assert rc == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_unsupervised_npy_and_errors(tmp_path, capsys):
+    img = _image()
+    np.save(tmp_path / "img.npy", img)
+    out = tmp_path / "seg.npy"
+    rc = main(
+        ["segment", str(tmp_path / "img.npy"), "--segments", "3", "--max-iter", "20", "--seed", "1",
+         "-q", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    lab = np.load(out)
+    assert lab.shape == img.shape[:2] and 1 <= len(np.unique(lab)) <= 3
+    np.save(tmp_path / "bad.npy", np.zeros((5, 5), np.uint8))
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "bad.npy"),
+               "--out", str(tmp_path / "x.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # --max-iter and --time-budget are exclusive
+        main(["segment", "a.png", "--max-iter", "3", "--time-budget", "2", "--out", "b.png"])

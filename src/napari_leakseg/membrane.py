@@ -146,7 +146,7 @@ class MembraneNet(nn.Module):
         if self.use_reference:
             self.proj = nn.Conv2d(base, emb_dim, 1)
             self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-            self.fuse = nn.Parameter(torch.tensor(1.0))
+            self.fuse = nn.Parameter(torch.tensor(0.0))  # starts as the baseline; learns how much to trust references
 
     @property
     def multiple(self) -> int:
@@ -209,6 +209,9 @@ def sample_keys(emb: torch.Tensor, lab: torch.Tensor, k: int, generator=None):
     for pool, n in ((mem, k // 2), (cel, k - k // 2)):
         if pool.numel() == 0:
             pool = torch.nonzero(torch.isfinite(lf)).flatten()
+        if pool.numel() == 0:  # a crop with no labelled pixel at all (sparse labels): uninformative keys
+            pool = torch.arange(lf.numel(), device=lf.device)
+            lf = torch.where(torch.isfinite(lf), lf, torch.full_like(lf, 0.5))
         sel = torch.randint(0, pool.numel(), (n,), generator=generator)
         idx.append(pool[sel])
     idx = torch.cat(idx)
@@ -421,8 +424,6 @@ def build_bank(model: MembraneNet, pairs, device, crop: int = 128, keys_per_ref:
     for img, m in pairs:
         x, (h, w) = pad_to_multiple(img[None], model.multiple)
         xt = torch.from_numpy(np.ascontiguousarray(x))[None].to(device)
-        if model.feedback:  # reference embeddings from the first (no-feedback) pass, like at training
-            pass
         _, e = model.encode(xt)
         e = e[0, :, :h, :w].cpu()
         mt = torch.from_numpy(m)
@@ -495,7 +496,7 @@ def iter_train_membrane(
     *,
     membrane_value: int = 1,
     use_reference: bool = True,
-    feedback: bool = False,
+    feedback: bool = True,
     epochs: int = 10,
     steps_per_epoch: int = 40,
     batch_size: int = 4,
@@ -505,6 +506,7 @@ def iter_train_membrane(
     depth: int = 3,
     emb_dim: int = 16,
     keys_per_ref: int = 128,
+    attn_stride: int = 2,
     aux_weight: float = 0.5,
     elastic: bool = True,
     seed: int = 0,
@@ -521,6 +523,9 @@ def iter_train_membrane(
     dev = resolve_device(device)
     seed_everything(seed)
     rng = np.random.default_rng(seed)
+    # references use their own stream, so reference and baseline models see identical target crops
+    rrng = np.random.default_rng(int(seed) + 7919)
+    fbrng = np.random.default_rng(int(seed) + 104729)
     tg = torch.Generator().manual_seed(int(seed) + 1)
     pairs, _ = prepare_references(images, labels, membrane_value, what="training")
     crop = int(crop)
@@ -529,10 +534,14 @@ def iter_train_membrane(
         arch = dict(model.arch)
     else:
         arch = dict(base=base, depth=depth, norm="group", use_reference=use_reference,
-                    feedback=feedback, emb_dim=emb_dim, keys_per_ref=keys_per_ref)
+                    feedback=feedback, emb_dim=emb_dim, keys_per_ref=keys_per_ref,
+                    attn_stride=attn_stride)
         model = MembraneNet(**arch)
     mult = model.multiple
     crop = max(mult, crop - crop % mult)
+    # reference crops are half the size: keys are a sample of pixels anyway, and this keeps
+    # the extra cost of the reference branch at about a quarter of the target's
+    ref_crop = max(mult, (crop // 2) - (crop // 2) % mult)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     total = int(epochs) * int(steps_per_epoch)
@@ -560,12 +569,12 @@ def iter_train_membrane(
             xs.append(a)
             ys.append(b)
             if model.use_reference:
-                j = int(rng.choice([q for q in range(n) if q != i])) if n > 1 else i
+                j = int(rrng.choice([q for q in range(n) if q != i])) if n > 1 else i
                 for _try in range(10):  # a reference crop with both classes
-                    rimg, rlab, _ = _random_crop(*pairs[j], crop, rng)
+                    rimg, rlab, _ = _random_crop(*pairs[j], ref_crop, rrng)
                     if np.nansum(rlab) > 0 and np.nansum(1 - rlab) > 0:
                         break
-                a, b = augment(rimg, rlab, rng, elastic)
+                a, b = augment(rimg, rlab, rrng, elastic)
                 rx.append(a)
                 ry.append(b)
         xt = torch.from_numpy(np.stack(xs)[:, None]).to(dev)
@@ -586,18 +595,20 @@ def iter_train_membrane(
             kv = [sample_keys(re[b], ryt[b].to(re.device), model.keys_per_ref, tg) for b in range(re.shape[0])]
             keys = torch.stack([k for k, _ in kv])[:, None]
             vals = torch.stack([v for _, v in kv])[:, None].to(re.device)
-        passes = 2 if model.feedback else 1
         prev = None
-        loss = 0.0
-        for _ in range(passes):
-            f, e = model.encode(xt, prev)
-            logit, p = model.fuse_logits(f, e, keys, vals)
-            loss = loss + _loss(logit, y, w)
-            if p is not None and aux_weight > 0:
-                loss = loss + aux_weight * (F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), y, weight=w,
-                                                                   reduction="sum") / w.sum().clamp_min(1))
-            prev = torch.sigmoid(logit).detach()
-        return loss / passes
+        if model.feedback and fbrng.random() < 0.5:
+            # feedback episode: a no-grad first pass gives the probability fed back as input
+            with torch.no_grad():
+                f0, e0 = model.encode(xt)
+                l0, _ = model.fuse_logits(f0, e0, keys, vals)
+                prev = torch.sigmoid(l0)
+        f, e = model.encode(xt, prev)
+        logit, p = model.fuse_logits(f, e, keys, vals)
+        loss = _loss(logit, y, w)
+        if p is not None and aux_weight > 0:
+            loss = loss + aux_weight * (F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), y, weight=w,
+                                                               reduction="sum") / w.sum().clamp_min(1))
+        return loss
 
     try:
         for ep in range(int(epochs)):

@@ -1,0 +1,191 @@
+"""``MembraneWidget``: reference-assisted membrane segmentation in napari.
+
+Pick the target image, and a reference image with its Labels layer (they may be
+the same stack: annotated slices — labels not constant — are the references).
+Train (or fine-tune a loaded model), then Predict: outputs go to the layers
+"membrane probability" (Image), "membrane" (Labels) and "cells" (Labels).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
+
+from ... import membrane as M
+from ...core.errors import InputError
+from ..layers import read_image, read_labels, write_layer
+from ..workers import notify_error, notify_info
+from .base import JobWidget
+
+OUT_PROB = "membrane probability"
+OUT_MEMBRANE = "membrane"
+OUT_CELLS = "cells"
+
+
+class MembraneWidget(JobWidget):
+    title = "Membrane segmentation"
+    capability = "membrane"
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(napari_viewer, parent)
+        self.trained: Optional[M.TrainedMembrane] = None
+        self.target = self.add_layer_picker("target", "target image", "image",
+                                            tooltip="the 2D image or stack to segment")
+        self.ref_image = self.add_layer_picker("ref_image", "reference image", "image",
+                                               tooltip="annotated image (or stack); may be the target itself")
+        self.ref_labels = self.add_layer_picker(
+            "ref_labels", "reference labels", "labels",
+            tooltip="labels of the reference image; in a stack, annotated slices (labels not constant) are used")
+        self.membrane_value = self.add(SpinBox(value=1, min=0, max=65535, label="membrane value",
+                                               tooltip="label value of membrane; if not 0, label 0 = unlabeled"))
+        self.use_refs = self.add(CheckBox(value=True, text="reference attention (uncheck: plain baseline)"))
+        self.feedback = self.add(CheckBox(value=True, text="feedback refinement"))
+        self.finetune = self.add(CheckBox(value=True, text="fine-tune the loaded/trained model"))
+        self.epochs = self.add(SpinBox(value=6, min=1, max=1000, label="epochs"))
+        self.steps = self.add(SpinBox(value=40, min=1, max=10000, label="steps per epoch"))
+        self.crop = self.add(SpinBox(value=128, min=32, max=512, step=32, label="crop size"))
+        self.n_refs = self.add(SpinBox(value=4, min=1, max=64, label="references averaged"))
+        self.threshold = self.add(FloatSpinBox(value=0.5, min=0.01, max=0.99, step=0.05, label="threshold"))
+        self.min_size = self.add(SpinBox(value=30, min=0, max=100000, label="min cell size"))
+        self.scope = self.add(ComboBox(choices=["current slice", "whole stack"], value="current slice",
+                                       label="predict"))
+        self.train_button = self.add_button("Train", self.train, "train (or fine-tune) on the references")
+        self.predict_button = self.add_button("Predict", self.predict, "segment the target image")
+        self.save_button = self.add_button("Save model", self._save_clicked, runs_job=False)
+        self.load_button = self.add_button("Load model", self._load_clicked, runs_job=False)
+        self.finish_layout()
+
+    # ------------------------------------------------------------------ helpers
+    def output_layer_names(self) -> list[str]:
+        return [OUT_PROB, OUT_MEMBRANE, OUT_CELLS]
+
+    def export_provenance(self) -> dict:
+        meta = self.trained.metadata if self.trained is not None else {}
+        return {"capability": "membrane", "arch": meta.get("arch"), "train": meta.get("train")}
+
+    def _references(self):
+        """Raw reference image(s) and labels (whole stacks; the core skips unannotated slices)."""
+        if self.ref_image.value is None or self.ref_labels.value is None:
+            raise InputError("fewer than 1 reference: pick a reference image and its labels layer")
+        img = read_image(self.ref_image.value, self.viewer, current_slice=False, normalize=False)
+        lab = read_labels(self.ref_labels.value, self.viewer, current_slice=False)
+        data = np.asarray(img.data)
+        if img.rgb:
+            data = data[..., :3].mean(-1)
+        if data.shape != lab.data.shape:
+            raise InputError(f"reference image {img.layer_name!r} has shape {data.shape} but labels "
+                             f"{lab.layer_name!r} have shape {lab.data.shape}; they must match")
+        tgt = self.target.value
+        if tgt is not None and tuple(self.ref_image.value.scale)[-2:] != tuple(tgt.scale)[-2:]:
+            notify_info(f"{self.title}: the reference and target layers have different pixel scales "
+                        f"({tuple(self.ref_image.value.scale)[-2:]} vs {tuple(tgt.scale)[-2:]}); "
+                        "membranes should have a similar width in pixels")
+        return data, lab.data
+
+    # ------------------------------------------------------------------ train
+    def train(self):
+        try:
+            imgs, labs = self._references()  # read in the GUI thread; the worker only computes
+        except InputError as e:
+            notify_error(f"{self.title}: {e}")
+            return False
+        init = self.trained if (self.finetune.value and self.trained is not None) else None
+        kw = dict(membrane_value=int(self.membrane_value.value), use_reference=bool(self.use_refs.value),
+                  feedback=bool(self.feedback.value), epochs=int(self.epochs.value),
+                  steps_per_epoch=int(self.steps.value), crop=int(self.crop.value), device=self.device, init=init)
+
+        def job_factory():
+            return M.iter_train_membrane(imgs, labs, **kw)
+
+        def on_event(ev):
+            self.status.value = ev.message
+
+        def on_result(value, cancelled):
+            if value is None:
+                return
+            self.trained = value
+            tr = value.metadata["train"]
+            self.status.value = (f"{'stopped' if cancelled else 'trained'}: {tr['steps_done']} steps, "
+                                 f"loss {tr.get('best_loss') or float('nan'):.3f}")
+
+        return self.start_job(job_factory, description="Training membrane model", on_event=on_event,
+                              on_result=on_result)
+
+    # ------------------------------------------------------------------ predict
+    def predict(self):
+        if self.trained is None:
+            notify_error(f"{self.title}: train or load a model first")
+            return False
+        layer = self.target.value
+        if layer is None:
+            notify_error(f"{self.title}: no target image layer selected")
+            return False
+        stack = self.scope.value == "whole stack" and layer.ndim - (1 if layer.rgb else 0) > 2
+        trained = self.trained
+        refs = None
+        try:
+            if trained.model.use_reference and self.ref_image.value is not None and self.ref_labels.value is not None:
+                refs = self._references()
+            tgt = read_image(layer, self.viewer, current_slice=not stack, normalize=False)
+        except InputError as e:
+            notify_error(f"{self.title}: {e}")
+            return False
+        data = np.asarray(tgt.data)
+        if tgt.rgb:
+            data = data[..., :3].mean(-1)
+        full_shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
+        index = tgt.index
+        mv = int(self.membrane_value.value)
+
+        def make():
+            return M.iter_predict_membrane(
+                trained, data, *(refs if refs is not None else (None, None)), membrane_value=mv,
+                n_refs=int(self.n_refs.value), threshold=float(self.threshold.value),
+                min_size=int(self.min_size.value), membrane_background=True, device=self.device)
+
+        def on_event(ev):
+            self.status.value = ev.message
+
+        def on_result(res, cancelled):
+            if res is None:
+                return
+            kw = dict(source=layer)
+            if index:
+                kw.update(index=index, full_shape=full_shape)
+            write_layer(self.viewer, OUT_PROB, res["probability"], "image", colormap="magma",
+                        blending="additive", opacity=0.6, **kw)
+            write_layer(self.viewer, OUT_MEMBRANE, res["membrane"], "labels", **kw)
+            write_layer(self.viewer, OUT_CELLS, res["cells"], "labels", **kw)
+            self.status.value = f"predicted {res['done']} slice(s)" + (" (stopped)" if cancelled else "")
+
+        return self.start_job(make, description="Predicting membranes", on_event=on_event, on_result=on_result)
+
+    # ------------------------------------------------------------------ model store
+    def save_model(self, path) -> bool:
+        if self.trained is None:
+            notify_error(f"{self.title}: nothing to save; train or load a model first")
+            return False
+        return bool(self.call_guarded(lambda: self.trained.save(path, overwrite=True)))
+
+    def load_model(self, path) -> bool:
+        tm = self.call_guarded(lambda: M.load_model(path))
+        if tm is None:
+            return False
+        self.trained = tm
+        self.use_refs.value = bool(tm.model.use_reference)
+        self.feedback.value = bool(tm.model.feedback)
+        self.membrane_value.value = int(tm.metadata.get("membrane_value", self.membrane_value.value))
+        self.status.value = f"loaded {path}"
+        return True
+
+    def _save_clicked(self):
+        path = self.ask_save_path("membrane.pt")
+        if path:
+            self.save_model(path)
+
+    def _load_clicked(self):
+        path = self.ask_open_path()
+        if path:
+            self.load_model(path)

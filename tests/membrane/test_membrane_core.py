@@ -1,0 +1,240 @@
+"""Core tests for reference-assisted membrane segmentation (tiny, CPU, fast)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_leakseg import membrane as M
+from napari_leakseg.core import store
+from napari_leakseg.core.errors import InputError, ModelFileError
+from napari_leakseg.core.jobs import run_job
+from napari_leakseg.core.tiling import predict_tiled
+
+TINY = dict(epochs=2, steps_per_epoch=4, batch_size=2, crop=64, base=8, depth=2, emb_dim=8,
+            keys_per_ref=32, device="cpu", seed=0)
+
+
+def sample(seed=0, shape=(96, 96)):
+    try:
+        from napari_leakseg.samples import membranes
+
+        return membranes(shape=shape, n_cells=12, seed=seed)  # labels: 1 membrane, 2 cell
+    except ImportError:  # pragma: no cover - before samples.py existed
+        rng = np.random.default_rng(seed)
+        pts = rng.uniform(0, 1, (12, 2)) * np.array(shape)
+        yy, xx = np.mgrid[: shape[0], : shape[1]]
+        cells = np.argmin((yy[..., None] - pts[:, 0]) ** 2 + (xx[..., None] - pts[:, 1]) ** 2, -1)
+        from scipy import ndimage as ndi
+
+        mem = ndi.morphological_gradient(cells, size=3) > 0
+        img = (200 - 120 * mem + rng.normal(0, 8, shape)).clip(0, 255).astype(np.uint8)
+        return img, np.where(mem, 1, 2).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    ims, lbs = zip(*[sample(s) for s in (0, 1)])
+    return M.train_membrane(list(ims), list(lbs), membrane_value=1, **TINY)
+
+
+def test_no_napari_import():
+    code = ("import sys, napari_leakseg.membrane; "
+            "bad=[m for m in ('napari','qtpy','PyQt5') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_attention_copies_labels_of_matching_reference_pixels():
+    # 3 reference pixels: two membrane keys, one cell key. A query equal to a key
+    # must receive (with a sharp softmax) that key's label.
+    keys = F.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), dim=-1)
+    vals = torch.tensor([1.0, 1.0, 0.0])
+    q = keys[[0, 2, 1, 2]][None]  # (1, 4, 3)
+    p = M.attend(q, keys[None, None], vals[None, None], torch.tensor(40.0))
+    assert p.shape == (1, 4)
+    np.testing.assert_allclose(p[0].numpy(), [1, 0, 1, 0], atol=1e-6)
+    # a flat softmax (scale 0) gives the reference's label mean
+    p0 = M.attend(q, keys[None, None], vals[None, None], torch.tensor(0.0))
+    np.testing.assert_allclose(p0[0].numpy(), 2 / 3, atol=1e-6)
+    # several references are averaged
+    keys2 = torch.stack([keys, keys])[None]
+    vals2 = torch.stack([vals, 1 - vals])[None]
+    p2 = M.attend(q, keys2, vals2, torch.tensor(40.0))
+    np.testing.assert_allclose(p2[0].numpy(), 0.5, atol=1e-6)
+    # chunking does not change the result
+    pc = M.attend(q, keys2, vals2, torch.tensor(5.0), chunk=1)
+    np.testing.assert_allclose(pc.numpy(), M.attend(q, keys2, vals2, torch.tensor(5.0)).numpy(), atol=1e-6)
+
+
+def test_model_shapes_baseline_and_reference_and_fusion_uses_references():
+    torch.manual_seed(0)
+    net = M.MembraneNet(base=8, depth=2, emb_dim=8, keys_per_ref=16)
+    base = M.MembraneNet(base=8, depth=2, use_reference=False)
+    x = torch.rand(2, 1, 32, 32)
+    assert base(x).shape == (2, 1, 32, 32)
+    assert not hasattr(base, "proj")
+    f, e = net.encode(x)
+    assert e.shape == (2, 8, 32, 32)
+    torch.testing.assert_close(e.norm(dim=1), torch.ones(2, 32, 32))
+    lab = torch.zeros(32, 32)
+    lab[::4] = 1
+    k, v = M.sample_keys(e[0], lab, 16)
+    assert k.shape == (16, 8) and float(v.sum()) == 8  # class balanced
+    keys, vals = k[None, None].expand(2, 1, 16, 8), v[None, None].expand(2, 1, 16)
+    logit, p = net.fuse_logits(f, e, keys, vals)
+    assert logit.shape == (2, 1, 32, 32) and p.shape == (2, 1, 32, 32)
+    assert (p >= 0).all() and (p <= 1).all()
+    # fusion starts at the baseline (w = 0); once w != 0 the reference labels matter
+    torch.testing.assert_close(logit, net.head(f))
+    with torch.no_grad():
+        net.fuse.fill_(1.0)
+    logit, _ = net.fuse_logits(f, e, keys, vals)
+    logit2, _ = net.fuse_logits(f, e, keys, 1 - vals)
+    assert not torch.allclose(logit, logit2)
+
+
+def test_label_conventions_and_bad_inputs():
+    m = M.membrane_mask_from_labels(np.array([[0, 1], [2, 1]]), membrane_value=1)
+    assert np.isnan(m[0, 0]) and m[0, 1] == 1 and m[1, 0] == 0
+    m0 = M.membrane_mask_from_labels(np.array([[0, 255]]), membrane_value=0)
+    np.testing.assert_array_equal(m0, [[1, 0]])
+    img, lab = sample()
+    with pytest.raises(InputError, match="shape"):
+        M.prepare_references([img], [lab[:50]])
+    with pytest.raises(InputError, match="no membrane"):
+        M.prepare_references([img], [np.full_like(lab, 2)])
+    with pytest.raises(InputError, match="only membrane"):
+        M.prepare_references([img], [np.ones_like(lab)])
+    with pytest.raises(InputError, match="fewer than 1"):
+        M.prepare_references([], [])
+    with pytest.raises(InputError, match="pair up"):
+        M.prepare_references([img, img], [lab])
+    with pytest.raises(InputError, match="values present: 1, 2"):
+        M.prepare_references([img], [lab], membrane_value=0 + 5)
+    # stacks: unannotated (constant) slices are skipped
+    stack = np.stack([img, img, img])
+    lstack = np.stack([lab, np.zeros_like(lab), lab])
+    pairs, _ = M.prepare_references(stack, lstack)
+    assert len(pairs) == 2
+    # different dtype/scale is normalised the same; a big range difference warns
+    p16, _ = M.prepare_references([img.astype(np.uint16) * 200], [lab])
+    p8, _ = M.prepare_references([img], [lab])
+    np.testing.assert_allclose(p16[0][0], p8[0][0], atol=1e-5)
+    assert M.intensity_scale_warning((0, 50000), [(0, 255)]) is not None
+    assert M.intensity_scale_warning((0, 250), [(0, 255)]) is None
+    # caller's arrays untouched
+    lab_copy = lab.copy()
+    M.prepare_references([img], [lab])
+    np.testing.assert_array_equal(lab, lab_copy)
+
+
+def test_cells_from_probability_grid_and_min_size():
+    prob = np.zeros((64, 64), np.float32)
+    prob[:, 31:33] = 1
+    prob[31:33, :] = 1
+    cells = M.cells_from_probability(prob, min_size=10, smooth=0)
+    assert len(np.unique(cells)) == 4 and cells.min() >= 1  # every pixel belongs to a cell
+    prob[5:7, 0:6] = 1  # a tiny 5x6 corner piece: merged away by min_size
+    prob[0:7, 5:7] = 1
+    assert len(np.unique(M.cells_from_probability(prob, min_size=40, smooth=0))) == 4
+    assert len(np.unique(M.cells_from_probability(prob, min_size=5, smooth=0))) == 5
+    bg = M.cells_from_probability(prob, min_size=10, smooth=0, membrane_background=True)
+    assert (bg[prob >= 0.5] == 0).all()
+
+
+def test_train_predict_save_load_roundtrip(trained, tmp_path):
+    assert isinstance(trained, M.TrainedMembrane)
+    assert trained.bank is not None and len(trained.bank) >= 1
+    assert len(trained.history) == 2 and all(np.isfinite(h["loss"]) for h in trained.history)
+    img, lab = sample(5)
+    res = M.predict_membrane(trained, img, device="cpu")
+    assert res["probability"].shape == img.shape and res["probability"].dtype == np.float32
+    assert set(np.unique(res["membrane"])) <= {0, 1}
+    assert res["cells"].shape == img.shape
+    path = tmp_path / "m.pt"
+    trained.save(path)
+    sd, meta = store.load(path, capability="membrane")
+    assert meta["capability"] == "membrane" and meta["arch"]["use_reference"] is True
+    assert "bank.keys" in sd and meta["membrane_value"] == 1
+    res2 = M.predict_membrane(str(path), img, device="cpu")
+    np.testing.assert_allclose(res2["probability"], res["probability"], atol=1e-5)
+    # explicit references replace the saved ones and change the result
+    other_img, other_lab = sample(9)
+    res3 = M.predict_membrane(str(path), img, [other_img], [other_lab], device="cpu", n_refs=2)
+    assert not np.allclose(res3["probability"], res["probability"])
+    # predictor_from_model works with the shared tiler (bounded memory path)
+    pr = M.predictor_from_model(sd, meta, device="cpu")
+    x = M.normalize(img)[None]
+    prob = predict_tiled(pr.fn, x, tile=64, overlap=16)
+    assert prob.shape == (1,) + img.shape
+    assert pr.finalize(prob).shape == img.shape
+    # a stack is predicted slice by slice
+    st = M.predict_membrane(trained, np.stack([img, img]), device="cpu")
+    assert st["probability"].shape == (2,) + img.shape and st["done"] == 2
+
+
+def test_wrong_capability_and_missing_references(tmp_path, trained):
+    p = tmp_path / "r.pt"
+    store.save({"w": torch.zeros(1)}, p, {"capability": "restore"})
+    with pytest.raises(ModelFileError, match="not a 'membrane'"):
+        M.load_model(p)
+    no_bank = M.TrainedMembrane(trained.model, trained.metadata, None)
+    img, _ = sample(3)
+    with pytest.raises(InputError, match="fewer than 1 reference"):
+        M.predict_membrane(no_bank, img, device="cpu")
+    with pytest.raises(InputError, match="both"):
+        M.predict_membrane(trained, img, [img], None, device="cpu")
+
+
+def test_cancel_keeps_best_model_and_seed_is_deterministic():
+    torch.set_num_threads(1)
+    img, lab = sample(0, (64, 64))
+    kw = dict(TINY, epochs=3, steps_per_epoch=2)
+    seen = []
+
+    def cb(ev):
+        seen.append(ev)
+        return not ("epoch" in ev.metrics and ev.metrics.get("best_loss") is not None)
+
+    res = run_job(M.iter_train_membrane([img], [lab], **kw), cb)
+    assert res.cancelled and isinstance(res.value, M.TrainedMembrane)
+    assert res.value.cancelled and res.value.metadata["train"]["steps_done"] == 2
+    assert any("loss" in e.metrics for e in seen)
+    a = M.train_membrane([img], [lab], **dict(kw, epochs=1))
+    b = M.train_membrane([img], [lab], **dict(kw, epochs=1))
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, msg=k)
+
+
+def test_baseline_and_feedback_variants_train_and_finetune():
+    torch.set_num_threads(1)
+    img, lab = sample(0, (64, 64))
+    base = M.train_membrane([img], [lab], use_reference=False, feedback=False, **dict(TINY, epochs=1))
+    assert base.bank is None
+    out = M.predict_membrane(base, img, device="cpu")
+    assert out["probability"].shape == img.shape
+    fb = M.train_membrane([img], [lab], feedback=True, **dict(TINY, epochs=1))
+    assert fb.model.in_channels == 2
+    out = M.predict_membrane(fb, img, device="cpu", feedback_iters=1)
+    assert out["probability"].shape == img.shape
+    with pytest.raises(InputError, match="without feedback"):
+        M.MembranePredictor(base, device="cpu", feedback_iters=1)
+    tuned = M.train_membrane([img], [lab], init=fb, **dict(TINY, epochs=1))
+    assert tuned.metadata["train"]["fine_tuned"] and tuned.model.feedback
+
+
+def test_learns_membranes_on_synthetic_sample():
+    torch.set_num_threads(1)
+    ims, lbs = zip(*[sample(s) for s in (0, 1)])
+    tm = M.train_membrane(list(ims), list(lbs), **dict(TINY, epochs=4, steps_per_epoch=10, batch_size=4))
+    img, lab = sample(7)
+    p = M.predict_membrane(tm, img, device="cpu")["membrane"].astype(bool)
+    t = lab == 1
+    f1 = 2 * (p & t).sum() / (p.sum() + t.sum())
+    assert f1 > 0.6, f1

@@ -31,7 +31,7 @@ import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -182,6 +182,8 @@ def register_pair(low, high, upsample: int = 20, min_corr: float = 0.3,
     """
     from skimage.registration import phase_cross_correlation
 
+    check_image(low, "low-quality image")
+    check_image(high, "high-quality image")
     low = np.asarray(low, np.float32)
     high = np.asarray(high, np.float32)
     if low.shape != high.shape:
@@ -324,41 +326,44 @@ def degrade(clean, params: Degradation | dict | str | None = None, seed=None) ->
     return x.astype(np.float32)
 
 
-def estimate_noise(img, win: int = 7, bins: int = 16) -> tuple[float, float]:
+def estimate_noise(img, win: int = 7, bins: int = 12) -> tuple[float, float]:
     """Poisson–Gaussian noise ``(poisson a, gaussian sigma)`` with var = a·mean + sigma².
 
     Works on the image as given (no normalisation): local mean/variance in
-    ``win``×``win`` windows, the lower quartile of the variance per intensity bin
-    (flat regions; edges inflate the variance), then a non-negative linear fit.
+    ``win``×``win`` windows over the flattest 40 % of the image (edges inflate
+    the variance), the median variance per intensity bin, then a non-negative
+    linear fit (a single bin gives pure Gaussian noise).
     """
+    from scipy.stats import chi2
+
     x = np.asarray(img, np.float64)
     m = ndi.uniform_filter(x, win)
     v = np.maximum(ndi.uniform_filter(x * x, win) - m * m, 0) * (win * win) / (win * win - 1)
-    lo, hi = np.percentile(m, [2, 98])
-    edges = np.linspace(lo, hi, bins + 1)
-    ms, vs = [], []
+    g = ndi.gaussian_gradient_magnitude(x, 2.0)
+    flat = g <= np.percentile(g, 40)
+    mf, vf = m[flat], v[flat]
+    lo, hi = np.percentile(mf, [2, 98])
+    edges = np.linspace(lo, hi + 1e-9, bins + 1)
+    ms, vs, ns = [], [], []
     for a, b in zip(edges[:-1], edges[1:]):
-        sel = (m >= a) & (m < b)
-        if sel.sum() < 50:
+        sel = (mf >= a) & (mf < b)
+        if sel.sum() < max(50, 0.01 * mf.size):
             continue
-        ms.append(m[sel].mean())
-        vs.append(np.percentile(v[sel], 25))
-    if len(ms) < 2:
-        s = float(np.sqrt(np.median(v)))
-        return 0.0, s
-    ms, vs = np.array(ms), np.array(vs)
-    A = np.stack([ms, np.ones_like(ms)], 1)
-    (a, b), *_ = np.linalg.lstsq(A, vs, rcond=None)
-    if a < 0:
-        a, b = 0.0, float(np.median(vs))
-    if b < 0:
-        a = float(np.sum(ms * vs) / np.sum(ms * ms))
-        b = 0.0
-    # the lower quartile of a chi-square variance estimate is biased low; correct it
+        ms.append(mf[sel].mean())
+        vs.append(np.median(vf[sel]))
+        ns.append(sel.sum())
     dof = win * win - 1
-    from scipy.stats import chi2
-
-    corr = dof / chi2.ppf(0.25, dof)
+    corr = dof / chi2.ppf(0.5, dof)  # median of a chi-square variance estimate is biased low
+    if len(ms) < 2 or (max(ms) - min(ms)) < 0.05 * (hi - lo + 1e-12):
+        return 0.0, float(math.sqrt(np.median(vf) * corr))
+    ms, vs, w = np.array(ms), np.array(vs), np.sqrt(np.array(ns, float))
+    A = np.stack([ms, np.ones_like(ms)], 1) * w[:, None]
+    (a, b), *_ = np.linalg.lstsq(A, vs * w, rcond=None)
+    if a < 0:
+        a, b = 0.0, float(np.average(vs, weights=w))
+    if b < 0:
+        a = float(np.sum(w * ms * vs) / np.sum(w * ms * ms))
+        b = 0.0
     return float(a * corr), float(math.sqrt(b * corr))
 
 
@@ -402,6 +407,7 @@ def estimate_degradation(low, high=None) -> Degradation:
     # and correct the estimator's bias (correlated noise biases local variances)
     proxy = hn if hn is not None else ndi.gaussian_filter(ln, 2.0)
     sim = degrade(proxy, Degradation(poisson=a, gaussian=s, blur=0, scan_corr=c), seed=0)
+    sim = _clean_scale(sim)  # through the same pipeline as the real image (units included)
     a1, s1 = estimate_noise(sim)
     c1 = estimate_scan_correlation(sim)
     mu = float(np.median(proxy))
@@ -605,12 +611,15 @@ def _val_split(img_pairs, crop, val_fraction):
     return train, val
 
 
-def _random_crops(pairs, n, crop, rng, augment=True):
+def _random_crops(pairs, n, crop, rng, augment=True, multiple=16):
     xs, ys = [], []
+    cy = min([crop] + [p[0].shape[0] // multiple * multiple for p in pairs])
+    cx = min([crop] + [p[0].shape[1] // multiple * multiple for p in pairs])
+    if augment and cy != cx:
+        cy = cx = min(cy, cx)
     for _ in range(n):
         x, y = pairs[rng.integers(len(pairs))]
         H, W = x.shape
-        cy, cx = min(crop, H), min(crop, W)
         i, j = rng.integers(0, H - cy + 1), rng.integers(0, W - cx + 1)
         a, b = x[i:i + cy, j:j + cx], y[i:i + cy, j:j + cx]
         if augment:
@@ -623,8 +632,15 @@ def _random_crops(pairs, n, crop, rng, augment=True):
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
 
 
-def _n2v_mask(x: np.ndarray, rng, frac: float, radius: int = 2):
-    """Blind-spot masking: replace ``frac`` of pixels by a random neighbour; returns (masked, mask)."""
+def _n2v_mask(x: np.ndarray, rng, frac: float, radius: int = 2, blind_x: int = 0):
+    """Blind-spot masking; returns (masked input, mask of the pixels that carry the loss).
+
+    ``blind_x == 0``: Noise2Void, each masked pixel gets a random neighbour's
+    value. ``blind_x > 0`` (structured, for noise correlated along the scan
+    lines): the pixel and ``blind_x`` pixels either side of it in its row get
+    values of random pixels elsewhere in the crop, so the network cannot read
+    the correlated noise of the masked pixel from its row neighbours.
+    """
     B, C, H, W = x.shape
     masked = x.copy()
     mask = np.zeros_like(x, dtype=np.float32)
@@ -632,13 +648,17 @@ def _n2v_mask(x: np.ndarray, rng, frac: float, radius: int = 2):
     for bi in range(B):
         ys = rng.integers(0, H, n)
         xs = rng.integers(0, W, n)
-        dy = rng.integers(-radius, radius + 1, n)
-        dx = rng.integers(-radius, radius + 1, n)
-        zero = (dy == 0) & (dx == 0)
-        dx[zero] = 1  # never copy the pixel itself
-        sy = np.clip(ys + dy, 0, H - 1)
-        sx = np.clip(xs + dx, 0, W - 1)
-        masked[bi, 0, ys, xs] = x[bi, 0, sy, sx]
+        if blind_x > 0:
+            for d in range(-blind_x, blind_x + 1):
+                cx = np.clip(xs + d, 0, W - 1)
+                masked[bi, 0, ys, cx] = x[bi, 0, rng.integers(0, H, n), rng.integers(0, W, n)]
+        else:
+            dy = rng.integers(-radius, radius + 1, n)
+            dx = rng.integers(-radius, radius + 1, n)
+            dx[(dy == 0) & (dx == 0)] = 1  # never copy the pixel itself
+            sy = np.clip(ys + dy, 0, H - 1)
+            sx = np.clip(xs + dx, 0, W - 1)
+            masked[bi, 0, ys, xs] = x[bi, 0, sy, sx]
         mask[bi, 0, ys, xs] = 1.0
     return masked, mask
 
@@ -662,6 +682,7 @@ def train_restore(
     val_fraction: float = 0.2,
     val_every: int = 25,
     n2v_fraction: float = 0.02,
+    blind_x: int | str = "auto",
     seed: int | None = 0,
     device="auto",
     preview: bool = True,
@@ -721,6 +742,9 @@ def train_restore(
         lows = [normalize(crop_data_bar(as_gray(l, f"low image {i + 1}"), bar)[0])
                 for i, l in enumerate(_as_list(low, "low"))]
         pairs = [(x, x) for x in lows]
+        if blind_x == "auto":  # structured blind spot when the noise is correlated along rows
+            sc = float(np.median([estimate_scan_correlation(x) for x in lows]))
+            blind_x = int(math.ceil(2 * sc)) if sc >= 0.3 else 0
 
     small = [p[0].shape for p in pairs if min(p[0].shape) < 32]
     if small:
@@ -733,10 +757,10 @@ def train_restore(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = restoration_loss("mse" if mode == "self-supervised" else loss)
     vrng = np.random.default_rng(12345)
-    val_batch = (_random_crops(val_pairs, 8, crop, vrng, augment=False) if val_pairs else
-                 _random_crops(train_pairs, 4, crop, vrng, augment=False))
+    val_batch = (_random_crops(val_pairs, 8, crop, vrng, augment=False, multiple=net.multiple) if val_pairs else
+                 _random_crops(train_pairs, 4, crop, vrng, augment=False, multiple=net.multiple))
     if mode == "self-supervised":
-        vm, vmask = _n2v_mask(val_batch[0].numpy(), vrng, n2v_fraction)
+        vm, vmask = _n2v_mask(val_batch[0].numpy(), vrng, n2v_fraction, blind_x=blind_x)
         val_n2v = (torch.from_numpy(vm), torch.from_numpy(vmask))
 
     meta = {
@@ -745,6 +769,7 @@ def train_restore(
         "train": dict(mode=mode, loss=loss, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
                       seed=seed, n_images=len(pairs), val_fraction=val_fraction,
                       n2v_fraction=n2v_fraction if mode == "self-supervised" else None,
+                      blind_x=blind_x if mode == "self-supervised" else None,
                       degradation=deg.to_dict() if deg is not None else None),
         "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
         "output": "image",
@@ -783,9 +808,9 @@ def train_restore(
         for step in range(1, steps + 1):
             if mode == "degrade" and step % 20 == 0:
                 train_pairs, _ = _val_split(make_pairs(), crop, val_fraction)
-            x, y = _random_crops(train_pairs, batch_size, crop, rng)
+            x, y = _random_crops(train_pairs, batch_size, crop, rng, multiple=net.multiple)
             if mode == "self-supervised":
-                xm, mk = _n2v_mask(x.numpy(), rng, n2v_fraction)
+                xm, mk = _n2v_mask(x.numpy(), rng, n2v_fraction, blind_x=blind_x)
                 p = net(torch.from_numpy(xm).to(dev))
                 mk = torch.from_numpy(mk).to(dev)
                 lval = ((p - x.to(dev)) ** 2 * mk).sum() / mk.sum()
@@ -897,12 +922,15 @@ def restore_image(model, image, tile: int = 512, overlap: int = 48, device="auto
 
 
 # --------------------------------------------------------------------------- fabrication check
-def detect_blobs(img, min_sigma: float = 1.5, max_sigma: float = 6.0, threshold: float = 0.08,
-                 num_sigma: int = 6) -> np.ndarray:
+def detect_blobs(img, min_sigma: float = 1.5, max_sigma: float = 8.0, threshold: float = 0.05,
+                 num_sigma: int = 7, min_contrast: float = 0.08) -> np.ndarray:
     """Bright blobs (particles) by Laplacian of Gaussian: array (N, 3) of (y, x, radius).
 
     The image is percentile-normalised first so that thresholds are comparable
-    between a noisy input, a restoration and a reference.
+    between a noisy input, a restoration and a reference. A LoG response is
+    kept only if the blob is brighter than its surroundings all around: its
+    core (0.6 r) exceeds the 75th percentile of the ring 1.5 r–2.5 r by
+    ``min_contrast``; this rejects responses on the rims of large particles.
     """
     from skimage.feature import blob_log
 
@@ -913,7 +941,20 @@ def detect_blobs(img, min_sigma: float = 1.5, max_sigma: float = 6.0, threshold:
         return np.zeros((0, 3), np.float32)
     b = b.astype(np.float32)
     b[:, 2] *= math.sqrt(2)
-    return b
+    keep = []
+    H, W = x.shape
+    for y, xx, r in b:
+        R2 = int(math.ceil(2.5 * r)) + 1
+        y0, y1 = max(0, int(y) - R2), min(H, int(y) + R2 + 1)
+        x0, x1 = max(0, int(xx) - R2), min(W, int(xx) + R2 + 1)
+        patch = x[y0:y1, x0:x1]
+        yy, xg = np.mgrid[y0:y1, x0:x1]
+        d = np.hypot(yy - y, xg - xx)
+        core = patch[d <= max(0.6 * r, 1.0)]
+        ring = patch[(d >= 1.5 * r) & (d <= 2.5 * r)]
+        keep.append(core.size > 0 and ring.size > 0 and
+                    float(core.mean()) - float(np.percentile(ring, 75)) >= min_contrast)
+    return b[np.array(keep, bool)]
 
 
 def match_blobs(found: np.ndarray, reference: np.ndarray, tol: float = 3.0):
@@ -928,7 +969,7 @@ def match_blobs(found: np.ndarray, reference: np.ndarray, tol: float = 3.0):
     if nf == 0 or nr == 0:
         return np.arange(nf), np.arange(nr), np.zeros((0, 2), int)
     d = np.hypot(found[:, None, 0] - reference[None, :, 0], found[:, None, 1] - reference[None, :, 1])
-    lim = np.maximum(tol, np.maximum(found[:, None, 2], reference[None, :, 2]))
+    lim = np.maximum(tol, 0.75 * np.maximum(found[:, None, 2], reference[None, :, 2]))
     cost = np.where(d <= lim, d, 1e6)
     r, c = linear_sum_assignment(cost)
     ok = cost[r, c] < 1e6
@@ -980,3 +1021,46 @@ def fabrication_risk_map(noisy, restored, scales: Sequence[float] = (1.0, 2.0, 4
         mad = float(np.median(np.abs(m - np.median(m)))) * 1.4826
         z = np.maximum(z, np.abs(m) / max(mad, 1e-8))
     return z.astype(np.float32)
+
+
+def iter_apply(model, image, risk_map: bool = False, tile: int = 512, overlap: int = 48, device="auto"):
+    """Restore a 2D image (gray/RGB) or a stack (N, Y, X[, C]); a job generator.
+
+    Returns ``{"restored": float32, "risk": float32 or None, "done": n}``; the
+    shape is the input's without a colour axis. Cancelling returns the slices
+    done so far (the rest stay 0).
+    """
+    rm = _get_model(model, device)
+    a = image
+    rgb = getattr(a, "ndim", np.ndim(a)) >= 3 and a.shape[-1] in (3, 4) and a.shape[-2] > 4
+    if getattr(a, "ndim", np.ndim(a)) - (1 if rgb else 0) == 2:
+        slices = [a]
+        stack = False
+    else:
+        if getattr(a, "ndim", np.ndim(a)) - (1 if rgb else 0) != 3:
+            raise InputError(f"expected a 2D image or a stack of 2D images; got shape {tuple(a.shape)}")
+        slices = [a[i] for i in range(a.shape[0])]
+        stack = True
+    outs, risks = [], []
+    done = 0
+    try:
+        for i, s in enumerate(slices):
+            s = np.asarray(s)
+            y = yield from iter_restore(rm, s, tile=tile, overlap=overlap, device=device)
+            outs.append(y)
+            if risk_map:
+                risks.append(fabrication_risk_map(s, y))
+            done += 1
+            yield Progress(i + 1, len(slices), f"restored {i + 1}/{len(slices)}",
+                           metrics={"slice": i})
+    except JobCancelled:
+        if not outs:
+            raise
+    shape = outs[0].shape
+    while len(outs) < len(slices):
+        outs.append(np.zeros(shape, np.float32))
+        if risk_map:
+            risks.append(np.zeros(shape, np.float32))
+    restored = np.stack(outs) if stack else outs[0]
+    risk = (np.stack(risks) if stack else risks[0]) if risk_map else None
+    return {"restored": restored, "risk": risk, "done": done}

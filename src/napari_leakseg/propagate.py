@@ -27,7 +27,7 @@ Plain torch/numpy: this module never imports napari or Qt.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -70,7 +70,7 @@ class PropagateParams:
 
     tau: float = 0.9            #: confidence threshold for pseudo-labels
     steps: int = 6              #: fine-tune steps per propagated frame
-    init_steps: int = 200       #: training steps on the anchors before walking
+    init_steps: int = 400       #: training steps on the anchors before walking
     resume_steps: int = 60      #: re-training steps on all anchors at a resume
     window: int = 4             #: how many recent pseudo frames stay in the training set
     decay: float = 0.7          #: per-frame weight factor for pseudo frames (distance in time)
@@ -78,10 +78,12 @@ class PropagateParams:
     downsample: int = 2         #: frames are processed at 1/downsample resolution
     patch: int = 128            #: training crop size (at processing resolution)
     batch: int = 4
-    lr: float = 1e-3
-    base: int = 16              #: U-Net width
+    lr: float = 3e-3
+    base: int = 8               #: U-Net width
     depth: int = 3              #: U-Net poolings
     tile: int = 512             #: inference tile (processing resolution) for large frames
+    min_size: int = 0           #: drop objects and fill holes smaller than this (pixels, full res)
+    balance: float = 0.0        #: class weights ∝ frequency**-balance (0 = none, 0.5 = sqrt)
     seed: int = 0
 
     def check(self) -> "PropagateParams":
@@ -141,7 +143,7 @@ def _down_image(x: np.ndarray, f: int) -> np.ndarray:
 def _down_labels(lab: np.ndarray, f: int) -> np.ndarray:
     if f == 1:
         return lab
-    return lab[f // 2::f, f // 2::f] if lab.shape[0] > f // 2 and lab.shape[1] > f // 2 else lab[::f, ::f]
+    return lab[::f, ::f]  # ceil(Y/f) × ceil(X/f), like _down_image
 
 
 def _pad_shape(a: np.ndarray, shape: tuple[int, int], value) -> np.ndarray:
@@ -158,6 +160,32 @@ def foreground_iou(pred, gt) -> float:
     if union == 0:
         return 1.0
     return float(np.logical_and(p, g).sum() / union)
+
+
+def clean_labels(lab: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove foreground objects smaller than ``min_size`` pixels; with a single
+    class, also fill holes smaller than ``min_size``."""
+    from scipy import ndimage as ndi
+
+    lab = np.array(lab, copy=True)
+    fg = lab > 0
+    cc, n = ndi.label(fg)
+    if n:
+        sizes = np.bincount(cc.ravel())
+        small = sizes < min_size
+        small[0] = False
+        lab[small[cc]] = 0
+    if lab.max() <= 1:
+        holes, nh = ndi.label(lab == 0)
+        if nh:
+            sizes = np.bincount(holes.ravel())
+            # a background region touching the border is not a hole
+            border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+            fill = sizes < min_size
+            fill[0] = False
+            fill[border] = False
+            lab[fill[holes]] = 1
+    return lab
 
 
 # --------------------------------------------------------------------------- #
@@ -258,12 +286,12 @@ class Propagator:
         for t in annotated:
             self._set_anchor(t, labels[t], "annotated")
 
-    def _prep_labels(self, lab, t: int) -> np.ndarray:
+    def _prep_labels(self, lab, t: int, need_two: bool = True) -> np.ndarray:
         lab = check_labels(lab, self.shape[1:], name=f"labels of frame {t}")
         if self.instance_mode:
             lab = (lab > 0).astype(np.uint8)
         ids = np.unique(lab)
-        if ids.size < 2:
+        if ids.size < 2 and need_two:
             raise InputError(
                 f"frame {t} has only one class (label {int(ids[0])}); an annotated frame needs "
                 "background (0) and at least one object class"
@@ -277,7 +305,8 @@ class Propagator:
 
     def _set_anchor(self, t: int, lab, status: str):
         t = int(t)
-        lab = self._prep_labels(lab, t)
+        # a confirmed frame may hold background only (cells can leave the field)
+        lab = self._prep_labels(lab, t, need_two=status == "annotated" or self.model is None)
         K = int(lab.max()) + 1
         if self.model is not None and K > self.n_classes:
             raise InputError(
@@ -336,7 +365,7 @@ class Propagator:
         for s in self._anchors.values():
             cnt += np.bincount(s.target.ravel(), minlength=self.n_classes)[: self.n_classes]
         freq = cnt / max(cnt.sum(), 1)
-        w = 1.0 / np.sqrt(np.maximum(freq, 1e-4))
+        w = np.maximum(freq, 1e-4) ** -float(p.balance)
         self._class_w = torch.tensor(w / w[freq > 0].min(), dtype=torch.float32, device=self.device)
 
     def _crop(self, s: _Sample):
@@ -394,7 +423,7 @@ class Propagator:
             self._opt.zero_grad(set_to_none=True)
             loss.backward()
             self._opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         return float(np.mean(losses))
 
     # -------------------------------------------------------------- inference
@@ -491,11 +520,15 @@ class Propagator:
                     continue
                 if t in recompute:
                     lab, conf, prob, img_ds = self.predict_frame(t)
+                    pconf = prob.max(0)
+                    if p.min_size > 0:
+                        lab = clean_labels(lab, p.min_size)
+                        tgt = _pad_shape(_down_labels(lab, p.downsample), pconf.shape, 0).astype(np.int64)
+                    else:
+                        tgt = np.argmax(prob, 0).astype(np.int64)
                     self.labels[t] = lab
                     self.confidence[t] = np.round(conf * 255).astype(np.uint8)
                     self.status[t] = "pseudo"
-                    pconf = prob.max(0)
-                    tgt = np.argmax(prob, 0).astype(np.int64)
                 else:  # already pseudo-labelled and kept: reuse it for the training window
                     img_ds = _down_image(self._norm_frame(t), p.downsample)
                     tgt = _down_labels(np.asarray(self.labels[t]), p.downsample).astype(np.int64)
@@ -545,7 +578,9 @@ class Propagator:
                 if self._base_state is not None:
                     self.model.load_state_dict(self._base_state)
                     self._opt = torch.optim.Adam(self.model.parameters(), lr=self.params.lr)
-                steps = self.params.resume_steps
+                    steps = self.params.resume_steps
+                else:  # the first training was stopped early
+                    steps = self.params.init_steps
             T = self.shape[0]
             targets = set(range(T)) if frames is None else {int(t) for t in frames}
             targets = {t for t in targets if 0 <= t < T and self.status[t] not in ANCHOR}

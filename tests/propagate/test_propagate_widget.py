@@ -1,0 +1,63 @@
+"""PropagateWidget flow under Xvfb: propagate, paint, confirm, resume, status list, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gui
+
+
+def _wait(qtbot, w, timeout=120_000):
+    qtbot.waitUntil(lambda: not w.running, timeout=timeout)
+
+
+def test_widget_flow(make_napari_viewer, qtbot, tmp_path):
+    from napari_leakseg._napari.widgets.propagate import PropagateWidget
+    from napari_leakseg.samples import timelapse
+
+    torch.set_num_threads(1)
+    stack, inst = timelapse(n_frames=6, shape=(48, 48), n_cells=2, seed=0)
+    ann = np.zeros(inst.shape, np.uint8)
+    ann[0] = inst[0] > 0
+    viewer = make_napari_viewer()
+    im = viewer.add_image(stack, name="cells")
+    al = viewer.add_labels(ann, name="annotation")
+    user = al.data.copy()
+    w = PropagateWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.image.value, w.annotations.value = im, al
+    w.init_steps.value, w.steps.value = 40, 1
+    w.device_combo.value = "cpu"
+    assert w.run("forward")
+    _wait(qtbot, w)
+    out = viewer.layers[w.OUT_LABELS]
+    assert out.data.shape == stack.shape and out.data[1:].any()
+    assert viewer.layers[w.OUT_CONF].data[3].max() > 0
+    assert w.session.status == ["annotated"] + ["pseudo"] * 5
+    assert w.status_list.count() == 6 and "pseudo" in w.status_list.item(2).text()
+    np.testing.assert_array_equal(al.data, user)  # the user's layer is never modified
+    # clicking a status row jumps the viewer to that frame
+    w._jump(w.status_list.item(4))
+    assert viewer.dims.current_step[0] == 4
+    # the user paints frame 2 (no explicit confirm) and confirms frame 4
+    painted = np.zeros(stack.shape[1:], np.uint8)
+    painted[5:15, 5:15] = 1
+    out.data[2] = painted
+    assert w.confirm_current() == 4
+    assert w.session.status[4] == "confirmed"
+    viewer.dims.set_current_step(0, 4)
+    assert w.resume()
+    _wait(qtbot, w)
+    # the painted frame was kept and confirmed, never overwritten
+    np.testing.assert_array_equal(out.data[2], painted)
+    assert w.session.status[2] == "confirmed" and w.session.status[4] == "confirmed"
+    assert w.session.history[-1]["frames"] == [3, 5]
+    # export labels + per-frame status through the shared export
+    import zarr
+
+    path = w.export_to(tmp_path / "prop.zarr")
+    assert path is not None
+    prov = zarr.open_group(str(path), mode="r").attrs["napari_leakseg"]
+    assert prov["frame_status"][2] == "confirmed"

@@ -9,6 +9,15 @@ WIDGETS = (
     ("Label propagation", "napari_leakseg._napari.widgets.propagate", "PropagateWidget"),
 )
 SAMPLES = ("scribbles", "membranes", "sem", "timelapse")
+#: which widget shows which sample, and the layer each of its pickers starts on
+PRESETS = {
+    "scribbles": ("Scribble segmentation", {"image": "coffee", "scribbles": "scribbles"}),
+    "membranes": ("Membrane segmentation", {"target": "EM membranes", "ref_image": "EM membranes",
+                                            "ref_labels": "membrane annotations"}),
+    "sem": ("SEM restoration", {"low": "SEM low quality", "high": "SEM high quality",
+                                "target": "SEM low quality"}),
+    "timelapse": ("Label propagation", {"image": "moving cells", "annotations": "cell labels"}),
+}
 
 
 def register(sub) -> None:
@@ -38,7 +47,7 @@ def build_viewer(sample: str = "scribbles", show: bool = True):
     chosen = {ly.name for ly in list(viewer.layers)[-2:]}
     for ly in viewer.layers:
         ly.visible = ly.name in chosen
-    widgets = {}
+    widgets, docks = {}, {}
     for title, mod, cls in WIDGETS:
         try:
             w = getattr(importlib.import_module(mod), cls)(viewer)
@@ -46,13 +55,28 @@ def build_viewer(sample: str = "scribbles", show: bool = True):
             if e.name == mod:
                 continue
             raise
-        viewer.window.add_dock_widget(w, name=title, area="right", tabify=True)
+        docks[title] = viewer.window.add_dock_widget(w, name=title, area="right", tabify=True)
         widgets[title] = w
-    if widgets:  # bring the first tab to front
-        first = next(iter(widgets))
-        viewer.window._dock_widgets[first].raise_()
+    _preset_pickers(viewer, widgets)
+    front = PRESETS[sample][0]
+    if front in docks:  # bring the chosen sample's widget to the front once the window is shown
+        from qtpy.QtCore import QTimer
+
+        docks[front].raise_()
+        QTimer.singleShot(0, docks[front].raise_)
     viewer.reset_view()
     return viewer, widgets
+
+
+def _preset_pickers(viewer, widgets) -> None:
+    """Point each widget's layer pickers at its own sample's layers."""
+    names = {ly.name: ly for ly in viewer.layers}
+    for title, picks in PRESETS.values():
+        w = widgets.get(title)
+        for attr, layer_name in picks.items():
+            picker = getattr(w, attr, None)
+            if picker is not None and layer_name in names and names[layer_name] in picker.choices:
+                picker.value = names[layer_name]
 
 
 def run(args) -> int:

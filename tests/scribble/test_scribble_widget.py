@@ -52,7 +52,7 @@ def test_widget_preview_stop_refine(make_napari_viewer, qtbot, monkeypatch):
     assert not w.last_warm and first.stopped in ("converged", "max_iter")
 
     # 2) Stop keeps the last result (early stopping off, so only Stop can end it)
-    monkeypatch.setattr(S.CONFIGS["fast"], "stop_change", 0.0)
+    w.stop_early.value = False
     w.reset_model()
     w.max_iter.value = 100000
     w.stop_by.value = "iterations"
@@ -64,8 +64,10 @@ def test_widget_preview_stop_refine(make_napari_viewer, qtbot, monkeypatch):
     np.testing.assert_array_equal(viewer.layers[OUT].data, w.last_result.labels)
     assert w.status.value.startswith("stopped")
 
+    assert S.CONFIGS["fast"].stop_change > 0  # the shared default is untouched
+
     # 3) Refine: new strokes, Run continues from the current weights
-    monkeypatch.undo()
+    w.stop_early.value = True
     w.max_iter.value = 200
     assert w.run()
     _wait(qtbot, w)

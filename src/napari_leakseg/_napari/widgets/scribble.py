@@ -50,6 +50,8 @@ class ScribbleWidget(JobWidget):
                                                  label="time budget (s)"))
         self.time_budget.visible = False
         self.stop_by.changed.connect(self._stop_by_changed)
+        self.stop_early = self.add(CheckBox(value=True, text="stop early when the labels are stable",
+                                            tooltip="off: use every iteration or the whole time budget"))
         self.seed = self.add(SpinBox(value=0, min=0, max=2**31 - 1, label="seed"))
         self.classes_only = self.add(CheckBox(value=False, text="classes only (every pixel gets a scribbled class)"))
         self.scope = self.add(ComboBox(choices=["current slice", "whole stack"], value="current slice",
@@ -137,6 +139,8 @@ class ScribbleWidget(JobWidget):
         kw = dict(n_segments=n_seg, seed=int(self.seed.value), device=self.device, warm_start=warm,
                   classes_only=bool(self.classes_only.value), config=self.config.value,
                   rgb=bool(img.rgb), stack=stack)
+        if not self.stop_early.value:
+            kw.update(stop_change=0.0, min_labels_stop=False)
         if self.stop_by.value == "time budget":
             kw.update(time_budget=float(self.time_budget.value), max_iter=100000)
         else:
@@ -181,11 +185,13 @@ class ScribbleWidget(JobWidget):
                 pass
 
     # ------------------------------------------------------------------ model
+    model_file_name = "scribble_model.pt"
+
     def _save_clicked(self, *_):
         if self.state is None:
             notify_error(f"{self.title}: run it first; there is no model to save")
             return
-        path = self.ask_save_path("scribble_model.pt")
+        path = self.ask_save_path(self.model_file_name)
         if path:
             self.save_model(path, overwrite=True)
 

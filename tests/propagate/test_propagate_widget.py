@@ -61,3 +61,39 @@ def test_widget_flow(make_napari_viewer, qtbot, tmp_path):
     assert path is not None
     prov = zarr.open_group(str(path), mode="r").attrs["napari_leakseg"]
     assert prov["frame_status"][2] == "confirmed"
+
+
+def test_widget_instance_mode_exports_ctc_tracks(make_napari_viewer, qtbot, tmp_path):
+    """Instance mode: linked instances layer, and Export writes the CTC tracks beside the store."""
+    from napari_leakseg._napari.widgets.propagate import PropagateWidget
+    from napari_leakseg.samples import timelapse
+
+    torch.set_num_threads(1)
+    stack, inst = timelapse(n_frames=4, shape=(48, 48), n_cells=2, seed=1)
+    ann = np.zeros(inst.shape, np.uint8)
+    ann[0] = inst[0] > 0
+    viewer = make_napari_viewer()
+    im = viewer.add_image(stack, name="cells")
+    al = viewer.add_labels(ann, name="annotation")
+    w = PropagateWidget(viewer)
+    w.image.value, w.annotations.value = im, al
+    w.init_steps.value, w.steps.value = 40, 1
+    w.instances.value = True
+    w.device_combo.value = "cpu"
+    assert w.run("forward")
+    _wait(qtbot, w)
+    lab = viewer.layers[w.OUT_INST].data
+    assert lab.shape == stack.shape and lab[0].max() >= 1
+    path = w.export_to(tmp_path / "cells.zarr")
+    assert path is not None and path.exists()
+    ctc = tmp_path / "cells_ctc"
+    masks = sorted(ctc.glob("mask*.tif"))
+    assert len(masks) == 4
+    tracks = [list(map(int, line.split())) for line in (ctc / "res_track.txt").read_text().splitlines()]
+    import tifffile
+
+    assert {t[0] for t in tracks} == {int(i) for m in masks for i in np.unique(tifffile.imread(m)) if i}
+    # a second export to the same name is refused (no silent overwrite), the first is kept
+    before = (ctc / "res_track.txt").read_text()
+    assert w.export_to(tmp_path / "cells.zarr") is None
+    assert (ctc / "res_track.txt").read_text() == before

@@ -31,6 +31,7 @@ class PropagateWidget(JobWidget):
     capability = "propagate"
     OUT_LABELS = "propagated labels"
     OUT_CONF = "propagation confidence"
+    OUT_INST = "propagated instances"
 
     def __init__(self, napari_viewer):
         super().__init__(napari_viewer)
@@ -65,7 +66,40 @@ class PropagateWidget(JobWidget):
 
     # ------------------------------------------------------------- helpers
     def output_layer_names(self) -> list[str]:
-        return [self.OUT_LABELS, self.OUT_CONF]
+        return [self.OUT_LABELS, self.OUT_CONF, self.OUT_INST]
+
+    def export_to(self, path, names=None, *, overwrite: bool = False, confirm: bool = False):
+        """The shared OME-Zarr export (labels + per-frame status); in instance mode also the
+        tracks in Cell Tracking Challenge format, in ``<name>_ctc/`` beside the store."""
+        from pathlib import Path
+
+        from ...core.errors import LeaksegError
+        from ...propagate import export_ctc
+        from ..workers import notify_error
+
+        path = Path(path)
+        if not str(path).endswith(".zarr"):
+            path = path.with_name(path.name + ".zarr")
+        ctc = path.with_name(path.name[: -len(".zarr")] + "_ctc")
+        want_ctc = self.OUT_INST in self.viewer.layers and (names is None or self.OUT_INST in names)
+        if want_ctc and ctc.exists() and any(ctc.iterdir()) and not overwrite:
+            if not confirm:
+                notify_error(f"{self.title}: {ctc} exists; not overwritten")
+                return None
+            from qtpy.QtWidgets import QMessageBox
+
+            if QMessageBox.question(self, "Overwrite?", f"{ctc} exists. Replace it?") != QMessageBox.Yes:
+                return None
+        out = super().export_to(path, names, overwrite=overwrite, confirm=confirm)
+        if out is None or not want_ctc:
+            return out
+        try:  # the CTC folder was checked (or its replacement confirmed) above
+            export_ctc(np.asarray(self.viewer.layers[self.OUT_INST].data), ctc, overwrite=True)
+        except (LeaksegError, OSError) as e:
+            notify_error(f"{self.title}: tracks not exported: {e}")
+            return out
+        notify_info(f"{self.title}: tracks in Cell Tracking Challenge format in {ctc}")
+        return out
 
     def export_provenance(self) -> dict:
         prov = {"capability": self.capability}
@@ -181,7 +215,7 @@ class PropagateWidget(JobWidget):
             from ...propagate import link_instances
 
             inst = link_instances(sess.labels)
-            write_layer(self.viewer, "propagated instances", inst, "labels", source=self.image.value)
+            write_layer(self.viewer, self.OUT_INST, inst, "labels", source=self.image.value)
 
     # ------------------------------------------------------------- actions
     def run(self, direction: str = "both") -> bool:

@@ -107,18 +107,10 @@ def provenance_attrs(kind: str, provenance: Mapping[str, Any] | None = None) -> 
 # staging: temp dir + rename
 # --------------------------------------------------------------------------- #
 def check_store_path(path, overwrite: bool = False) -> Path:
-    """Refuse an existing output (unless ``overwrite``) or a missing parent folder."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists; choose another name or pass --overwrite")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise OutputExistsError(f"output folder {parent} does not exist")
-    if not parent.is_dir():
-        raise OutputExistsError(f"output folder {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise OutputExistsError(f"output folder {parent} is not writable")
-    return path
+    """Refuse an existing output (unless ``overwrite``) or a missing/unwritable parent folder."""
+    from .core.io import check_target
+
+    return check_target(path, overwrite)
 
 
 def stage_store(path, overwrite: bool = False) -> Path:

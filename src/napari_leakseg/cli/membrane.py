@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..core.errors import InputError
 from ..core.io import READ_EXT
-from .common import add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, read, run_with_progress, write
+from .common import (add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, check_model_out, read,
+                     run_with_progress, write)
 
 
 def _expand(items, what: str) -> list[Path]:
@@ -98,15 +99,7 @@ def register(sub) -> None:
 def run_train(args) -> int:
     from .. import membrane as M
 
-    from ..core.errors import OutputExistsError
-
-    out = Path(args.out)
-    if out.suffix.lower() != ".pt":
-        raise InputError(f"model output {out} should end in .pt")
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"output {out} exists; choose another name or pass --overwrite")
-    if not out.parent.exists():
-        raise OutputExistsError(f"output folder {out.parent} does not exist")
+    out = check_model_out(args.out, args.overwrite)
     imgs = _expand(args.images, "image")
     labs = _expand(args.labels, "labels")
     if len(imgs) != len(labs):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -67,9 +66,7 @@ def run(args) -> int:
         if d.exists() and any(d.iterdir()) and not args.overwrite:
             raise InputError(f"CTC folder {d} exists and is not empty; choose another or pass --overwrite")
     if args.save_model:
-        sm = Path(args.save_model)
-        if sm.exists() and not args.overwrite:
-            raise InputError(f"model file {sm} exists; choose another name or pass --overwrite")
+        common.check_model_out(args.save_model, args.overwrite)
     stack = common.read(args.stack)
     labels = common.read(args.labels)
     if getattr(labels, "ndim", 0) == 4 and labels.shape[-1] == 1:

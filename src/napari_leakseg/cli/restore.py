@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, read, run_with_progress, write
+from .common import (add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, check_model_out, read,
+                     run_with_progress, write)
 
 
 def _bar(s: str):
@@ -82,15 +83,7 @@ def run_train(args) -> int:
     from ..core.errors import InputError
     from .. import restore as R
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".pt":
-        raise InputError(f"model output {out} must end in .pt")
-    if out.exists() and not args.overwrite:
-        from ..core.errors import OutputExistsError
-
-        raise OutputExistsError(f"output {out} exists; choose another name or pass --overwrite")
-    if not (out.parent if str(out.parent) else Path(".")).exists():
-        raise InputError(f"output folder {out.parent} does not exist")
+    out = check_model_out(args.out, args.overwrite)
     if args.self_supervised:
         if not args.low or args.high:
             raise InputError("--self-supervised trains from --low images only (drop --high)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
@@ -54,11 +53,7 @@ def run(args) -> int:
 
     io.check_output_path(args.out, args.overwrite)
     if args.save_model:
-        from pathlib import Path
-
-        mp = Path(args.save_model)
-        if mp.exists() and not args.overwrite:
-            raise InputError(f"model file {mp} exists; choose another name or pass --overwrite")
+        common.check_model_out(args.save_model, args.overwrite)
     image = np.asarray(common.read(args.image, lazy=False))
     scr = None
     if args.scribbles:

@@ -79,6 +79,13 @@ def check_output_path(path, overwrite: bool = False) -> Path:
     ext = _ext(path)
     if ext not in WRITE_EXT:
         raise InputError(f"cannot write {path}: unsupported extension {ext!r} (use {', '.join(WRITE_EXT)})")
+    return check_target(path, overwrite)
+
+
+def check_target(path, overwrite: bool = False) -> Path:
+    """Any output (file or store): refuse one that exists unless ``overwrite``, and a folder
+    that is missing, not a folder or not writable."""
+    path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} exists; choose another name or pass --overwrite")
     parent = path.parent if str(path.parent) else Path(".")

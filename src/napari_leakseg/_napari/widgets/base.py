@@ -255,3 +255,19 @@ class JobWidget(QWidget):
     def ask_open_path(self) -> Optional[str]:
         path, _ = QFileDialog.getOpenFileName(self, "Load model", "", "napari-leakseg model (*.pt)")
         return path or None
+
+    #: default file name offered by the Save model dialog
+    model_file_name = "model.pt"
+
+    def _save_clicked(self, *_):
+        """Save model button (widgets with a model): ask for a path (the dialog confirms
+        replacing a file), then the widget's ``save_model(path)``."""
+        path = self.ask_save_path(self.model_file_name)
+        if path:
+            self.save_model(path)
+
+    def _load_clicked(self, *_):
+        """Load model button: ask for a file, then the widget's ``load_model(path)``."""
+        path = self.ask_open_path()
+        if path:
+            self.load_model(path)

@@ -25,6 +25,7 @@ OUT_CELLS = "cells"
 
 
 class MembraneWidget(JobWidget):
+    model_file_name = "membrane.pt"
     title = "Membrane segmentation"
     capability = "membrane"
 
@@ -180,12 +181,3 @@ class MembraneWidget(JobWidget):
         self.status.value = f"loaded {path}"
         return True
 
-    def _save_clicked(self):
-        path = self.ask_save_path("membrane.pt")
-        if path:
-            self.save_model(path)
-
-    def _load_clicked(self):
-        path = self.ask_open_path()
-        if path:
-            self.load_model(path)

@@ -33,6 +33,7 @@ MODE_LABELS = {
 
 
 class RestoreWidget(JobWidget):
+    model_file_name = "restore.pt"
     title = "SEM restoration"
     capability = "restore"
 
@@ -228,12 +229,3 @@ class RestoreWidget(JobWidget):
         self.status.value = f"loaded {path} ({m.metadata.get('train', {}).get('mode', '?')})"
         return True
 
-    def _save_clicked(self):
-        path = self.ask_save_path("restore.pt")
-        if path:
-            self.save_model(path)
-
-    def _load_clicked(self):
-        path = self.ask_open_path()
-        if path:
-            self.load_model(path)

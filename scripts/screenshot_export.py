@@ -25,7 +25,7 @@ def main():
     frames, labels = samples.timelapse(n_frames=12, shape=(192, 192))[:2]
     tmp = Path(tempfile.mkdtemp())
     viewer = napari.Viewer(title="napari-leakseg: OME-Zarr export")
-    img = viewer.add_image(np.asarray(frames, np.float32), name="cells", scale=(1, 0.5, 0.5))
+    viewer.add_image(np.asarray(frames, np.float32), name="cells", scale=(1, 0.5, 0.5))
     lab = viewer.add_labels(np.asarray(labels).astype(np.uint16), name="tracks", scale=(1, 0.5, 0.5))
     viewer.layers.selection = {lab}
     viewer.layers.save(str(tmp / "tracks.zarr"), selected=True, plugin="napari-leakseg")

@@ -575,7 +575,6 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
     """Job generator behind :func:`apply_model`; yields one :class:`Progress` per block
     and returns the output path. Cancelling removes the partial output."""
     import dask
-    import dask.array as da
 
     from .core.device import resolve_device
     from .zarr_io import check_store_path, create_level0, discard_stage, finish_store, stage_store

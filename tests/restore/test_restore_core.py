@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import torch
 from scipy import ndimage as ndi
 
 from napari_leakseg import restore as R
-from napari_leakseg.core.errors import InputError, JobCancelled
+from napari_leakseg.core.errors import InputError
 from napari_leakseg.core.jobs import CancelToken, run_job
 from napari_leakseg.core.normalize import normalize
 

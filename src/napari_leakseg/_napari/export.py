@@ -13,7 +13,7 @@ already carried (``metadata["napari_leakseg"]``, e.g. from an opened store).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 

@@ -8,6 +8,8 @@ Methods (same U-Net, same crops/batches/steps for the three networks):
                training slices (retrieved crops, averaged over ``n_refs``)
 * ours+fb    - ours trained and run with feedback refinement (probability fed
                back as a second input channel, one extra pass)
+* baseline+fb - the baseline network with the same feedback (the fair
+               comparison for ours+fb: feedback without references)
 * random forest - ilastik-style pixel classifier (sklearn) on multiscale
                Gaussian / gradient / Hessian features
 
@@ -20,6 +22,10 @@ over slices; training time and median inference time per 512x512 slice.
 Run (timed, under the shared lock):
 
     flock /tmp/leakseg-bench.lock .venv/bin/python benchmarks/bench_membrane.py
+
+``--timing`` only measures training speed and prediction time per 512×512 slice for
+each network (quick: short training, since the cost per step and per slice does
+not depend on how long a model was trained).
 
 ``--steps`` sets the training budget (default 150 steps of 4 crops of 128 px).
 Writes benchmarks/results/membrane.json, docs/benchmarks/membrane.md and
@@ -132,6 +138,8 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
             ("ours", "ours (references)", dict(use_reference=True, feedback=False))]
     if not args.no_feedback:
         nets.append(("fb", "ours + feedback", dict(use_reference=True, feedback=True)))
+        # the fair comparison for "ours + feedback": the same network and feedback, no references
+        nets.append(("bfb", "baseline + feedback (no references)", dict(use_reference=False, feedback=True)))
     wanted = args.methods.split(",")
     for key, label, kw in nets:
         if key not in wanted:
@@ -151,7 +159,7 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
             one = M.MembranePredictor(tm, device="cpu", n_refs=1)
             one.bank = pred.bank
             variants.append(("ours, 1 reference crop", one))
-        if kw.get("feedback"):  # same feedback-trained model without the feedback pass
+        if kw.get("feedback") and tm.model.use_reference:  # same feedback-trained model without the feedback pass
             nofb = M.MembranePredictor(tm, device="cpu", n_refs=args.n_refs, feedback_iters=0)
             nofb.bank = pred.bank
             variants.append(("ours + feedback model, feedback pass off", nofb))
@@ -222,6 +230,46 @@ def picture(test_im, test_lb, preds, path):
     plt.close(fig)
 
 
+def timing(d, args, steps: int = 30, repeats: int = 5):
+    """Seconds per training step (4 crops of 128 px) and median seconds per 512×512 test slice
+    with 4 references (the 20 training slices encoded as the bank) for each network."""
+    import torch
+
+    ims, lbs = load(d, range(20))
+    test = load(d, [20])[0][0]
+    out = {"threads": torch.get_num_threads(), "loadavg_start": [round(v, 2) for v in os.getloadavg()]}
+    for key, kw in (("baseline", dict(use_reference=False, feedback=False)),
+                    ("ours", dict(use_reference=True, feedback=False)),
+                    ("baseline+fb", dict(use_reference=False, feedback=True)),
+                    ("ours+fb", dict(use_reference=True, feedback=True))):
+        t0 = time.perf_counter()
+        tm = M.train_membrane(ims, lbs, membrane_value=0, epochs=1, steps_per_epoch=steps, batch_size=4,
+                              crop=128, seed=0, device="cpu", **kw)
+        per_step = (time.perf_counter() - t0) / steps
+        pred = M.MembranePredictor(tm, device="cpu", n_refs=args.n_refs)
+        t_ref = None
+        if tm.model.use_reference:
+            t0 = time.perf_counter()
+            pred.set_references(ims, lbs, membrane_value=0)
+            t_ref = time.perf_counter() - t0
+        pred.probability(test)  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            pred.probability(test)
+            ts.append(time.perf_counter() - t0)
+        out[key] = dict(train_s_per_step=round(per_step, 3),
+                        train_s_150_steps_est=round(per_step * args.steps, 1),
+                        infer_s_median=round(float(np.median(ts)), 3),
+                        ref_encode_s=None if t_ref is None else round(t_ref, 2))
+        print(key, json.dumps(out[key]), flush=True)
+    if not args.no_write and Path(args.out).exists():
+        js = json.loads(Path(args.out).read_text())
+        js["timing"] = out
+        Path(args.out).write_text(json.dumps(js, indent=1))
+    return 0
+
+
 def big_image(d, args):
     """Tiled prediction of a large image (ISBI slices tiled), peak RSS measured by sampling."""
     import threading
@@ -259,7 +307,7 @@ def big_image(d, args):
     return 0
 
 
-ORDER = ["baseline (no references)", "ours (references)", "ours, 1 reference crop", "ours + feedback",
+ORDER = ["baseline (no references)", "ours (references)", "ours, 1 reference crop", "baseline + feedback (no references)", "ours + feedback",
          "ours + feedback model, feedback pass off", "random forest (ilastik-style)"]
 
 
@@ -328,10 +376,12 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "membrane.json"))
     ap.add_argument("--md", default=str(ROOT / "docs" / "benchmarks" / "membrane.md"))
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--methods", default="baseline,ours,fb,rf", help="subset of baseline,ours,fb,rf")
+    ap.add_argument("--methods", default="baseline,ours,fb,bfb,rf", help="subset of baseline,ours,fb,bfb,rf")
     ap.add_argument("--note", help="markdown file appended to the fragment (analysis)")
     ap.add_argument("--assemble", nargs="+", metavar="LOG",
                     help="write the json/markdown from result rows printed by earlier (partial) runs")
+    ap.add_argument("--timing", action="store_true",
+                    help="only time training steps and 512x512 prediction per network (adds 'timing' to the json)")
     ap.add_argument("--big", type=int, default=0,
                     help="only measure tiled prediction of a BIG x BIG image (time, peak memory) and add it to the json")
     args = ap.parse_args(argv)
@@ -341,14 +391,14 @@ def main(argv=None):
         return 1
     if args.big:
         return big_image(d, args)
+    if args.timing:
+        return timing(d, args)
     if args.assemble:
         return assemble(args)
-    import torch
 
     test_ims, test_lbs = load(d, range(20, 30))
     settings = {"full": list(range(20)), "few": [int(v) for v in args.few_ids.split(",")]}
     rows, allpreds = [], {}
-    t_all = time.perf_counter()
     for name in args.settings.split(","):
         r, p = run_setting(name, settings[name], test_ims, test_lbs, d, args,
                            lambda row: print(json.dumps(row), flush=True))

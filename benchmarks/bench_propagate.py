@@ -133,7 +133,6 @@ def main(argv=None):
 
     # (4) simulated corrections: fix the worst frame, confirm, resume; repeat
     ks = [int(k) for k in args.ks.split(",") if k]
-    k_done = 0
     resume_times = []
     resumed_frames = []
     cur_ious = results["ours"]["iou_per_frame"]
@@ -145,7 +144,6 @@ def main(argv=None):
         sess.resume(worst, labels_t=(silver[worst] > 0).astype(np.uint8))
         resume_times.append(time.perf_counter() - t2)
         resumed_frames.append({"corrected": worst, "recomputed": n_before, "seconds": resume_times[-1]})
-        k_done = k
         sc = scores(np.asarray(sess.labels), silver, gold, instances=k in ks)
         cur_ious = sc["iou_per_frame"]
         if k in ks:

@@ -158,12 +158,18 @@ import resource, sys, time, numpy as np, imageio.v3 as iio
 from skimage.transform import resize
 img = iio.imread(sys.argv[1])
 img = (resize(img, (1024, 1024), order=1) * 255).astype(np.uint8)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def hwm():  # VmHWM: this process's peak RSS (ru_maxrss would include the parent's, inherited at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 from napari_leakseg.scribble import segment
+import torch
+base = hwm()
 t = time.perf_counter()
 r = segment(img, device="cpu", max_iter=int(sys.argv[2]))
 dt = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = hwm()
 print(f"{base:.1f} {peak:.1f} {dt:.2f} {r.n_iter} {r.first_preview_s:.2f}")
 """
 
@@ -362,7 +368,7 @@ def write_markdown(res):
         for row in v["rows"]:
             L.append(f"| {row['image']} | {row['classes']} | {row['seconds']:.1f} s | {row['n_iter']} | "
                      f"{row['n_labels']} | {row['stroke_acc']:.3f} | {row['classes_only_stroke_acc']:.3f} |")
-        L.append(f"\n![VOC scribbles](../images/scribble_voc.png)\n")
+        L.append("\n![VOC scribbles](../images/scribble_voc.png)\n")
     if (IMAGES / "scribble_bsds.png").exists():
         L.append("![BSDS examples](../images/scribble_bsds.png)\n")
     tg = res.get("targets")

@@ -269,7 +269,7 @@ class Propagator:
             )
         if lshape[1:] != (Y, X):
             raise InputError(
-                f"label frames are {lshape[1]}×{lshape[2]} but image frames are {Y}×{X}; they must match"
+                f"label frames have shape {lshape[1]}×{lshape[2]} but image frames have shape {Y}×{X}; they must match"
             )
         if annotated is None:
             annotated = []
@@ -371,6 +371,12 @@ class Propagator:
     def _crop(self, s: _Sample):
         p = self.params
         img, tgt, w = s.image, s.target, s.weight
+        m = 2 ** p.depth
+        if img.shape[0] < m or img.shape[1] < m:
+            # a frame thinner than the U-Net's smallest input (e.g. 1×N): pad it; padded pixels carry no loss
+            pad = ((0, max(0, m - img.shape[0])), (0, max(0, m - img.shape[1])))
+            w = np.pad(np.ones(img.shape, np.float32) if w is None else w, pad)
+            img, tgt = np.pad(img, pad, mode="edge"), np.pad(tgt, pad)
         ps = min(p.patch, img.shape[0], img.shape[1])
         ps -= ps % (2 ** p.depth) if ps >= 2 ** p.depth else 0
         y = int(self._rng.integers(0, img.shape[0] - ps + 1))

@@ -48,6 +48,11 @@ class WS:
         mem, mlab = samples.membranes(shape=(64, 64), seed=0)
         io.imwrite(self.inp / "mem.png", mem, kind="image")
         io.imwrite(self.inp / "mem_lab.png", mlab)
+        stack, tl = samples.timelapse(n_frames=3, shape=(48, 64), n_cells=3, seed=0)
+        tlab = np.zeros_like(tl, np.uint8)
+        tlab[0] = (tl[0] > 0).astype(np.uint8)  # frame 0 annotated: cell / background
+        np.save(self.inp / "stack.npy", stack)
+        np.save(self.inp / "stack_lab.npy", tlab)
         clean, low, _ = samples.sem_particles(shape=(64, 64), seed=0)
         io.imwrite(self.inp / "hi.tif", clean, kind="image")
         io.imwrite(self.inp / "lo.tif", low, kind="image")
@@ -73,9 +78,9 @@ class WS:
             m["restore"] = self.p("m_restore.pt")
             _ok(["restore", "train", "--high", self.p("hi.tif"), "--degrade", "noise=0.1", "--steps", "2",
                  "--crop", "32", "--batch-size", "1", "--out", m["restore"], "-q"])
-        if "propagate" in self.cmds and PROPAGATE_TRAIN is not None:
+        if "propagate" in self.cmds:
             m["propagate"] = self.p("m_propagate.pt")
-            _ok(PROPAGATE_TRAIN(self, m["propagate"]))
+            _ok(_prop(self, self.root / "prop0.tif") + ["--save-model", m["propagate"]])
 
 
 def _ok(argv):
@@ -105,7 +110,6 @@ class Cmd:
 
 
 Q = ["-q"]
-PROPAGATE_TRAIN = None  # set below when `leakseg propagate` exists
 
 
 def _seg_valid(ws, out):
@@ -120,6 +124,53 @@ def _mem_train(ws, out, images=None, labels=None):
 def _res_train(ws, out, high=None):
     return ["restore", "train", "--high", high or ws.p("hi.tif"), "--degrade", "noise=0.1", "--steps", "2",
             "--crop", "32", "--batch-size", "1", "--out", out] + Q
+
+
+def _prop(ws, out, stack=None, labels=None):
+    return ["propagate", stack or ws.p("stack.npy"), "--labels", labels or ws.p("stack_lab.npy"),
+            "--init-steps", "2", "--steps", "1", "--downsample", "1", "--out", out] + Q
+
+
+def _as_time_lapse(ws, path, annotate: bool):
+    """The 2-D attack array at ``path`` as a 3-frame stack (an image: the same frame 3 times;
+    labels: frame 0 holds the attack labels, frames 1-2 are unlabelled). Files that are not a
+    readable ``.npy`` (the bad-file cases) are passed on unchanged."""
+    path = Path(path)
+    if path.suffix != ".npy" or not path.is_file() or path.stat().st_size == 0:
+        return path
+    try:
+        a = np.load(path, allow_pickle=False)
+    except Exception:  # a corrupt file: the command itself must refuse it
+        return path
+    out = ws.p(f"tl_{'lab' if annotate else 'img'}_{path.stem}.npy")
+    if not out.exists():
+        if annotate:
+            st = np.zeros((3,) + a.shape, a.dtype)
+            st[0] = a
+        else:
+            st = np.stack([a] * 3)
+        np.save(out, st)
+    return out
+
+
+def _prop_labels_for(ws, img_path):
+    """A label stack matching an attack image's stack (frame 0: left half = 1), or the workspace's."""
+    img_path = Path(img_path)
+    if not img_path.name.startswith("tl_img_"):
+        return ws.p("stack_lab.npy")
+    st = np.load(img_path)
+    out = ws.p(img_path.name.replace("tl_img_", "tl_lab_for_"))
+    if not out.exists():
+        lab = np.zeros(st.shape[:3], np.uint8) if st.ndim >= 3 else np.zeros(st.shape, np.uint8)
+        if lab.ndim == 3 and lab.shape[2] > 0:
+            lab[0, :, : max(1, lab.shape[2] // 2)] = 1
+        np.save(out, lab)
+    return out
+
+
+def _prop_image(ws, im, out):
+    st = _as_time_lapse(ws, im, annotate=False)
+    return _prop(ws, out, stack=st, labels=_prop_labels_for(ws, st))
 
 
 COMMANDS = [
@@ -147,6 +198,10 @@ COMMANDS = [
         image=lambda ws, im, out: ["restore", "apply", im, "--model", ws.models["restore"], "--out", out] + Q,
         model=lambda ws, m, out: ["restore", "apply", ws.p("lo.tif"), "--model", m, "--out", out] + Q,
         capability="restore"),
+    # time-lapse propagation: attack images/labels become 3-frame stacks (see _as_time_lapse);
+    # it loads no model (--save-model only), so there are no model-file cases
+    Cmd("propagate", "propagate", ".tif", _prop, image=_prop_image,
+        labels=lambda ws, lab, out: _prop(ws, out, labels=_as_time_lapse(ws, lab, annotate=True))),
     Cmd("apply", "apply", ".zarr",
         lambda ws, out: ["apply", "--model", ws.models["restore"], "--input", ws.p("lo.tif"), "--out", out] + Q,
         image=lambda ws, im, out: ["apply", "--model", ws.models["restore"], "--input", im, "--out", out] + Q,
@@ -159,13 +214,6 @@ COMMANDS = [
         lenient=frozenset({"nan", "inf", "complex", "negative_ids"})),
 ]
 
-try:  # the propagation CLI, when it exists: see tests/robustness/_propagate_cli.py
-    from _rob_propagate_cli import PROPAGATE_COMMANDS, propagate_train  # type: ignore
-
-    COMMANDS += PROPAGATE_COMMANDS
-    PROPAGATE_TRAIN = propagate_train
-except ImportError:
-    pass
 
 
 def _cmd_params(attr=None):

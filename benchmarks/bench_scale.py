@@ -408,7 +408,9 @@ def write_markdown(res, path):
                  "≈ 1), so 2 workers could not be faster; the ratio says nothing about scaling on a free "
                  "machine. Each worker is single-threaded and blocks are independent, so throughput should "
                  "scale with free cores, but this run could not demonstrate it.")
-    L += ["* *Startup*: a LocalCluster costs 10–20 s here (worker processes import torch); the in-process "
+    ups = [r["startup_s"] for r in res["apply"] if r["mode"] != "in-process"]
+    span = f"{min(ups):g}–{max(ups):g} s" if ups else "a few seconds"
+    L += [f"* *Startup*: a LocalCluster cost {span} in this run (worker processes import torch); the in-process "
           "mode (`--scheduler` omitted) has none and is the better choice on one small machine.",
           "* *Bit-identical blocks cost compute*: each block re-runs the global tiles that straddle its "
           "border (halo up to one tile, 384 px for 2048² blocks and 512 px tiles here): about "

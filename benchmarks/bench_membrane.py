@@ -27,7 +27,7 @@ Run (timed, under the shared lock):
 each network (quick: short training, since the cost per step and per slice does
 not depend on how long a model was trained).
 
-``--steps`` sets the training budget (default 150 steps of 4 crops of 128 px).
+``--steps`` sets the training budget (default 600 steps of 4 crops of 128 px).
 Writes benchmarks/results/membrane.json, docs/benchmarks/membrane.md and
 docs/images/membrane_bench.png.
 """
@@ -128,7 +128,7 @@ def predict_rf(rf, img):
 # ----------------------------------------------------------------- main
 
 
-def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
+def run_setting(name, train_ids, test_ims, test_lbs, d, args, log, with_rf=True):
     ims, lbs = load(d, train_ids)
     rows = []
     preds = {}
@@ -159,6 +159,11 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
             one = M.MembranePredictor(tm, device="cpu", n_refs=1)
             one.bank = pred.bank
             variants.append(("ours, 1 reference crop", one))
+        if tm.model.use_reference and not kw.get("feedback") and len(train_ids) < 20:
+            # the paper's use case: more annotated slices than were trained on, given only at test time
+            more = M.MembranePredictor(tm, device="cpu", n_refs=args.n_refs)
+            more.set_references(*load(d, range(20)), membrane_value=0)
+            variants.append(("ours, all 20 slices as references at test time", more))
         if kw.get("feedback") and tm.model.use_reference:  # same feedback-trained model without the feedback pass
             nofb = M.MembranePredictor(tm, device="cpu", n_refs=args.n_refs, feedback_iters=0)
             nofb.bank = pred.bank
@@ -170,14 +175,14 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
                 probs.append(vp.probability(im))
                 times.append(time.perf_counter() - t0)
             sc = scores(probs, test_lbs, args.min_size)
-            row = dict(setting=name, method=vlabel, n_train=len(train_ids), train_s=round(t_train, 1),
+            row = dict(setting=name, method=vlabel, seed=args.seed, n_train=len(train_ids), train_s=round(t_train, 1),
                        infer_s=round(float(np.median(times)), 3),
                        ref_encode_s=None if t_ref is None else round(t_ref, 2),
                        steps=tm.metadata["train"]["steps_done"], **{k: round(v, 4) for k, v in sc.items()})
             rows.append(row)
             preds[vlabel] = probs
             log(row)
-    if "rf" not in wanted:
+    if "rf" not in wanted or not with_rf:
         return rows, preds
     t0 = time.perf_counter()
     rf = train_rf(ims, lbs, seed=args.seed)
@@ -188,7 +193,7 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
         probs.append(predict_rf(rf, im))
         times.append(time.perf_counter() - t0)
     sc = scores(probs, test_lbs, args.min_size)
-    row = dict(setting=name, method="random forest (ilastik-style)", n_train=len(train_ids),
+    row = dict(setting=name, method="random forest (ilastik-style)", seed=args.seed, n_train=len(train_ids),
                train_s=round(t_train, 1), infer_s=round(float(np.median(times)), 3), ref_encode_s=None,
                steps=None, **{k: round(v, 4) for k, v in sc.items()})
     rows.append(row)
@@ -197,14 +202,70 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log):
     return rows, preds
 
 
-def table(rows):
-    head = ("| setting | method | train slices | F1 ↑ | IoU ↑ | adapted Rand err ↓ | VOI ↓ | "
-            "train s | infer s/slice | ref encode s |")
-    out = [head, "|" + "---|" * 10]
+METRICS = ("f1", "iou", "adapted_rand_error", "voi")
+
+
+def summarize(rows):
+    """Mean, sd and n over seeds for each (setting, method); times are medians over seeds."""
+    groups = {}
     for r in rows:
-        out.append(f"| {r['setting']} | {r['method']} | {r['n_train']} | {r['f1']:.4f} | {r['iou']:.4f} | "
-                   f"{r['adapted_rand_error']:.4f} | {r['voi']:.3f} | {r['train_s']} | {r['infer_s']} | "
-                   f"{'' if r['ref_encode_s'] is None else r['ref_encode_s']} |")
+        groups.setdefault((r["setting"], r["method"]), []).append(r)
+    out = []
+    for (setting, method), rs in groups.items():
+        srt = dict(setting=setting, method=method, n_train=rs[0]["n_train"], n_seeds=len(rs),
+                   seeds=[r.get("seed", 0) for r in rs])
+        for k in METRICS:
+            v = np.array([r[k] for r in rs], float)
+            srt[k] = float(v.mean())
+            srt[k + "_sd"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        for k in ("train_s", "infer_s", "ref_encode_s"):
+            v = [r[k] for r in rs if r.get(k) is not None]
+            srt[k] = round(float(np.median(v)), 3) if v else None
+        out.append(srt)
+    return out
+
+
+def _pm(r, k, fmt):
+    return f"{r[k]:{fmt}} ± {r[k + '_sd']:{fmt}}" if r.get("n_seeds", 1) > 1 else f"{r[k]:{fmt}}"
+
+
+def table(rows):
+    head = ("| setting | method | train slices | seeds | F1 ↑ | IoU ↑ | adapted Rand err ↓ | VOI ↓ | "
+            "train s | infer s/slice | ref encode s |")
+    out = [head, "|" + "---|" * 11]
+    for r in rows:
+        out.append(f"| {r['setting']} | {r['method']} | {r['n_train']} | {r.get('n_seeds', 1)} | {_pm(r, 'f1', '.3f')} | "
+                   f"{_pm(r, 'iou', '.3f')} | {_pm(r, 'adapted_rand_error', '.3f')} | {_pm(r, 'voi', '.2f')} | "
+                   f"{r['train_s']} | {r['infer_s']} | {'' if r['ref_encode_s'] is None else r['ref_encode_s']} |")
+    return "\n".join(out)
+
+
+def paired(rows, a, b):
+    """Per-seed comparison of method ``a`` against ``b``: list of (setting, seed, dF1, dARE)."""
+    idx = {(r["setting"], r.get("seed", 0), r["method"]): r for r in rows}
+    out = []
+    for (setting, seed, m), ra in sorted(idx.items()):
+        rb = idx.get((setting, seed, b))
+        if m == a and rb is not None:
+            out.append((setting, seed, ra["f1"] - rb["f1"], ra["adapted_rand_error"] - rb["adapted_rand_error"]))
+    return out
+
+
+def paired_table(rows):
+    pairs = [("ours (references)", "baseline (no references)"),
+             ("ours + feedback", "baseline (no references)"),
+             ("ours + feedback", "baseline + feedback (no references)")]
+    out = ["| comparison | setting | seeds where F1 is higher | seeds where ARE is lower | mean ΔF1 | mean ΔARE |",
+           "|---|---|---|---|---|---|"]
+    for a, b in pairs:
+        res = paired(rows, a, b)
+        for setting in ("full", "few"):
+            rs = [x for x in res if x[0] == setting]
+            if not rs:
+                continue
+            out.append(f"| {a} vs {b} | {setting} | {sum(x[2] > 0 for x in rs)}/{len(rs)} | "
+                       f"{sum(x[3] < 0 for x in rs)}/{len(rs)} | {np.mean([x[2] for x in rs]):+.3f} | "
+                       f"{np.mean([x[3] for x in rs]):+.3f} |")
     return "\n".join(out)
 
 
@@ -259,7 +320,7 @@ def timing(d, args, steps: int = 30, repeats: int = 5):
             pred.probability(test)
             ts.append(time.perf_counter() - t0)
         out[key] = dict(train_s_per_step=round(per_step, 3),
-                        train_s_150_steps_est=round(per_step * args.steps, 1),
+                        train_s_est=round(per_step * args.steps, 1),
                         infer_s_median=round(float(np.median(ts)), 3),
                         ref_encode_s=None if t_ref is None else round(t_ref, 2))
         print(key, json.dumps(out[key]), flush=True)
@@ -307,22 +368,31 @@ def big_image(d, args):
     return 0
 
 
-ORDER = ["baseline (no references)", "ours (references)", "ours, 1 reference crop", "baseline + feedback (no references)", "ours + feedback",
+ORDER = ["baseline (no references)", "ours (references)", "ours, 1 reference crop",
+         "ours, all 20 slices as references at test time", "baseline + feedback (no references)", "ours + feedback",
          "ours + feedback model, feedback pass off", "random forest (ilastik-style)"]
 
 
 def write_outputs(rows, args, note=""):
     import torch
 
-    rows = sorted(rows, key=lambda r: ({"full": 0, "few": 1}.get(r["setting"], 2),
-                                       ORDER.index(r["method"]) if r["method"] in ORDER else 99))
+    def key(r):
+        return ({"full": 0, "few": 1}.get(r["setting"], 2), ORDER.index(r["method"]) if r["method"] in ORDER else 99,
+                r.get("seed", 0))
+
+    rows = sorted(rows, key=key)
+    summary = sorted(summarize(rows), key=key)
     env = dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
                cpu_count=os.cpu_count(), platform=platform.platform())
     config = dict(steps=args.steps, epochs=args.epochs, batch_size=4, crop=128, base=16, depth=3,
-                  n_refs=args.n_refs, min_size=args.min_size, seed=args.seed,
+                  n_refs=args.n_refs, min_size=args.min_size, seeds=sorted({r.get("seed", 0) for r in rows}),
                   few_shot_ids=[int(v) for v in args.few_ids.split(",")], test_ids=list(range(20, 30)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(rows=rows, config=config, env=env, note=note), indent=1))
+    out = dict(summary=summary, rows=rows, config=config, env=env, note=note)
+    if Path(args.out).exists():  # keep what --timing / --big measured separately
+        old = json.loads(Path(args.out).read_text())
+        out.update({k: old[k] for k in ("timing", "big_image", "seed_check") if k in old})
+    Path(args.out).write_text(json.dumps(out, indent=1))
     md = [
         "## Membrane segmentation (ISBI 2012, reference-assisted)",
         "",
@@ -333,11 +403,33 @@ def write_outputs(rows, args, note=""):
         f"similarity, {args.n_refs} averaged). F1/IoU: membrane pixels, threshold 0.5. Adapted Rand error and VOI "
         "(split+merge): watershed cell instances vs. connected components of the ground-truth cell "
         "interiors, mean over the 10 slices. Inference = median per 512×512 slice with references already "
-        "encoded ('ref encode s' is the one-off cost of encoding the reference slices).",
+        "encoded ('ref encode s' is the one-off cost of encoding the reference slices). Networks: mean ± sd "
+        f"over seeds {config['seeds']} (the random forest: one seed); times are medians over seeds.",
         "",
-        table(rows),
+        table(summary),
+        "",
+        "Per seed, the same seed's networks see the same target crops:",
+        "",
+        paired_table(rows),
         "",
     ]
+    tm = out.get("timing")
+    if tm:
+        md += [f"Speed alone (`--timing`: {tm['threads']} torch threads, load average at the start "
+               f"{tm['loadavg_start'][0]}; median of 5 predictions of slice 20 with 4 references):", "",
+               "| network | train s / step | train s for the benchmark budget | predict s / 512×512 | ref encode s |",
+               "|---|---|---|---|---|"]
+        for k in ("baseline", "ours", "baseline+fb", "ours+fb"):
+            if k in tm:
+                t = tm[k]
+                md.append(f"| {k} | {t['train_s_per_step']} | {t['train_s_est']} | {t['infer_s_median']} | "
+                          f"{'' if t['ref_encode_s'] is None else t['ref_encode_s']} |")
+        md.append("")
+    big = out.get("big_image")
+    if big:
+        md += [f"Tiled prediction of a {big['size']}×{big['size']} image (`--big {big['size']}`, tiles of "
+               f"{big['tile']} px): {big['seconds']:.0f} s, peak memory +{big['peak_rss_increase_mb']:.0f} MB "
+               f"(the float32 probability alone is {big['output_mb']:.0f} MB).", ""]
     if note:
         md += [note, ""]
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
@@ -352,10 +444,10 @@ def assemble(args):
             if line.startswith("{") and '"setting"' in line:
                 rows.append(json.loads(line))
     seen = {}
-    for r in rows:  # the last row of each (setting, method) wins
-        seen[(r["setting"], r["method"])] = r
+    for r in rows:  # the last row of each (setting, method, seed) wins
+        seen[(r["setting"], r["method"], r.get("seed", 0))] = r
     rows = list(seen.values())
-    print(table(rows))
+    print(table(summarize(rows)))
     note = ""
     if args.note and Path(args.note).exists():
         note = Path(args.note).read_text().strip()
@@ -365,11 +457,12 @@ def assemble(args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--n-refs", type=int, default=4)
     ap.add_argument("--min-size", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of --timing / --big")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds of the main run (networks; the random forest uses the first)")
     ap.add_argument("--few-ids", default="0,10")
     ap.add_argument("--settings", default="full,few")
     ap.add_argument("--no-feedback", action="store_true")
@@ -399,13 +492,19 @@ def main(argv=None):
     test_ims, test_lbs = load(d, range(20, 30))
     settings = {"full": list(range(20)), "few": [int(v) for v in args.few_ids.split(",")]}
     rows, allpreds = [], {}
-    for name in args.settings.split(","):
-        r, p = run_setting(name, settings[name], test_ims, test_lbs, d, args,
-                           lambda row: print(json.dumps(row), flush=True))
-        rows += r
-        allpreds[name] = p
+    seeds = [int(v) for v in args.seeds.split(",")]
+    for i, seed in enumerate(seeds):
+        args.seed = seed
+        for name in args.settings.split(","):
+            r, p = run_setting(name, settings[name], test_ims, test_lbs, d, args,
+                               lambda row: print(json.dumps(row), flush=True), with_rf=i == 0)
+            rows += r
+            if i == 0:
+                allpreds[name] = p
     print()
-    print(table(rows))
+    print(table(summarize(rows)))
+    print()
+    print(paired_table(rows))
     if args.no_write:
         return 0
     write_outputs(rows, args)

@@ -818,6 +818,23 @@ def tracks_of(instances) -> dict[int, list[int]]:
     return tracks
 
 
+def ctc_folder_taken(folder) -> bool:
+    """Whether a CTC results folder already holds files (writing there would replace them)."""
+    folder = Path(folder)
+    return folder.exists() and any(folder.iterdir())
+
+
+def check_ctc_folder(folder, overwrite: bool = False) -> Path:
+    """A CTC results folder to write: refused when it holds files (unless ``overwrite``) or
+    when its parent folder is missing."""
+    folder = Path(folder)
+    if not overwrite and ctc_folder_taken(folder):
+        raise LeaksegError(f"CTC folder {folder} exists and is not empty; choose another or pass --overwrite")
+    if not folder.parent.exists():
+        raise LeaksegError(f"folder {folder.parent} does not exist")
+    return folder
+
+
 def export_ctc(instances, folder, overwrite: bool = False) -> Path:
     """Write Cell Tracking Challenge results: ``mask%03d.tif`` + ``res_track.txt``.
 
@@ -827,11 +844,7 @@ def export_ctc(instances, folder, overwrite: bool = False) -> Path:
     """
     import tifffile
 
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise LeaksegError(f"CTC folder {folder} exists and is not empty; choose another or pass --overwrite")
-    if not folder.parent.exists():
-        raise LeaksegError(f"folder {folder.parent} does not exist")
+    folder = check_ctc_folder(folder, overwrite)
     folder.mkdir(exist_ok=True)
     T = instances.shape[0]
     digits = max(3, len(str(T - 1)))

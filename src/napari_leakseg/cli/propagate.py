@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
@@ -54,17 +53,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..core import io
-    from ..core.errors import InputError
-    from ..propagate import Propagator, export_ctc, iter_link_instances
+    from ..propagate import Propagator, check_ctc_folder, export_ctc, iter_link_instances
 
     instances = bool(args.instances or args.ctc_dir)
     out = io.check_output_path(args.out, args.overwrite)
     if args.confidence:
         io.check_output_path(args.confidence, args.overwrite)
     if args.ctc_dir:
-        d = Path(args.ctc_dir)
-        if d.exists() and any(d.iterdir()) and not args.overwrite:
-            raise InputError(f"CTC folder {d} exists and is not empty; choose another or pass --overwrite")
+        check_ctc_folder(args.ctc_dir, args.overwrite)
     if args.save_model:
         common.check_model_out(args.save_model, args.overwrite)
     stack = common.read(args.stack)

@@ -220,6 +220,18 @@ class JobWidget(QWidget):
             return
         self.export_to(path, names, confirm=True)
 
+    def may_replace(self, path, exists: bool, overwrite: bool, confirm: bool) -> Optional[bool]:
+        """Whether an export may write ``path``: the ``overwrite`` flag to use, or None when it
+        exists and is refused (with a message, or by the user when ``confirm`` asks)."""
+        if not exists or overwrite:
+            return overwrite
+        if not confirm:
+            notify_error(f"{self.title}: {path} exists; not overwritten")
+            return None
+        if QMessageBox.question(self, "Overwrite?", f"{path} exists. Replace it?") != QMessageBox.Yes:
+            return None
+        return True
+
     def export_to(self, path, names: Optional[list[str]] = None, *, overwrite: bool = False,
                   confirm: bool = False) -> Optional[Path]:
         """Export output layers to ``path``; asks before overwriting when ``confirm``."""
@@ -229,14 +241,9 @@ class JobWidget(QWidget):
         if not str(path).endswith(".zarr"):
             path = path.with_name(path.name + ".zarr")
         names = names or [n for n in self.output_layer_names() if n in self.viewer.layers]
-        if path.exists() and not overwrite:
-            if not confirm:
-                notify_error(f"{self.title}: {path} exists; not overwritten")
-                return None
-            ans = QMessageBox.question(self, "Overwrite?", f"{path} exists. Replace it?")
-            if ans != QMessageBox.Yes:
-                return None
-            overwrite = True
+        overwrite = self.may_replace(path, path.exists(), overwrite, confirm)
+        if overwrite is None:
+            return None
         layers = [self.viewer.layers[n] for n in names]
         try:
             out = _export.export_layers(layers, path, overwrite=overwrite,

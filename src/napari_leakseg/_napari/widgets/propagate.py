@@ -74,7 +74,7 @@ class PropagateWidget(JobWidget):
         from pathlib import Path
 
         from ...core.errors import LeaksegError
-        from ...propagate import export_ctc
+        from ...propagate import ctc_folder_taken, export_ctc
         from ..workers import notify_error
 
         path = Path(path)
@@ -82,14 +82,8 @@ class PropagateWidget(JobWidget):
             path = path.with_name(path.name + ".zarr")
         ctc = path.with_name(path.name[: -len(".zarr")] + "_ctc")
         want_ctc = self.OUT_INST in self.viewer.layers and (names is None or self.OUT_INST in names)
-        if want_ctc and ctc.exists() and any(ctc.iterdir()) and not overwrite:
-            if not confirm:
-                notify_error(f"{self.title}: {ctc} exists; not overwritten")
-                return None
-            from qtpy.QtWidgets import QMessageBox
-
-            if QMessageBox.question(self, "Overwrite?", f"{ctc} exists. Replace it?") != QMessageBox.Yes:
-                return None
+        if want_ctc and self.may_replace(ctc, ctc_folder_taken(ctc), overwrite, confirm) is None:
+            return None
         out = super().export_to(path, names, overwrite=overwrite, confirm=confirm)
         if out is None or not want_ctc:
             return out

@@ -128,6 +128,17 @@ def predict_rf(rf, img):
 # ----------------------------------------------------------------- main
 
 
+def predictor_with_references(tm, ims, lbs, n_refs):
+    """A CPU predictor for ``tm`` and the seconds it took to encode ``ims``/``lbs`` as its
+    references (None for a network without references)."""
+    pred = M.MembranePredictor(tm, device="cpu", n_refs=n_refs)
+    if not tm.model.use_reference:
+        return pred, None
+    t0 = time.perf_counter()
+    pred.set_references(ims, lbs, membrane_value=0)
+    return pred, time.perf_counter() - t0
+
+
 def run_setting(name, train_ids, test_ims, test_lbs, d, args, log, with_rf=True):
     ims, lbs = load(d, train_ids)
     rows = []
@@ -147,13 +158,8 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log, with_rf=True)
         t0 = time.perf_counter()
         tm = M.train_membrane(ims, lbs, **common, **kw)
         t_train = time.perf_counter() - t0
-        pred = M.MembranePredictor(tm, device="cpu", n_refs=args.n_refs)
         # references = the training slices (re-encoded here so the time is measured)
-        t_ref = None
-        if tm.model.use_reference:
-            t0 = time.perf_counter()
-            pred.set_references(ims, lbs, membrane_value=0)
-            t_ref = time.perf_counter() - t0
+        pred, t_ref = predictor_with_references(tm, ims, lbs, args.n_refs)
         variants = [(label, pred)]
         if tm.model.use_reference and not kw.get("feedback"):
             one = M.MembranePredictor(tm, device="cpu", n_refs=1)
@@ -307,12 +313,7 @@ def timing(d, args, steps: int = 30, repeats: int = 5):
         tm = M.train_membrane(ims, lbs, membrane_value=0, epochs=1, steps_per_epoch=steps, batch_size=4,
                               crop=128, seed=0, device="cpu", **kw)
         per_step = (time.perf_counter() - t0) / steps
-        pred = M.MembranePredictor(tm, device="cpu", n_refs=args.n_refs)
-        t_ref = None
-        if tm.model.use_reference:
-            t0 = time.perf_counter()
-            pred.set_references(ims, lbs, membrane_value=0)
-            t_ref = time.perf_counter() - t0
+        pred, t_ref = predictor_with_references(tm, ims, lbs, args.n_refs)
         pred.probability(test)  # warm-up
         ts = []
         for _ in range(repeats):

@@ -13,23 +13,29 @@ def _wait(qtbot, w, timeout=120_000):
     qtbot.waitUntil(lambda: not w.running, timeout=timeout)
 
 
-def test_widget_flow(make_napari_viewer, qtbot, tmp_path):
+def _setup(make_napari_viewer, n_frames: int, seed: int):
+    """A synthetic time-lapse with frame 0 annotated, in a viewer, and a fast CPU PropagateWidget on it."""
     from napari_leakseg._napari.widgets.propagate import PropagateWidget
     from napari_leakseg.samples import timelapse
 
     torch.set_num_threads(1)
-    stack, inst = timelapse(n_frames=6, shape=(48, 48), n_cells=2, seed=0)
+    stack, inst = timelapse(n_frames=n_frames, shape=(48, 48), n_cells=2, seed=seed)
     ann = np.zeros(inst.shape, np.uint8)
     ann[0] = inst[0] > 0
     viewer = make_napari_viewer()
     im = viewer.add_image(stack, name="cells")
     al = viewer.add_labels(ann, name="annotation")
-    user = al.data.copy()
     w = PropagateWidget(viewer)
-    viewer.window.add_dock_widget(w)
     w.image.value, w.annotations.value = im, al
     w.init_steps.value, w.steps.value = 40, 1
     w.device_combo.value = "cpu"
+    return viewer, w, stack, al
+
+
+def test_widget_flow(make_napari_viewer, qtbot, tmp_path):
+    viewer, w, stack, al = _setup(make_napari_viewer, n_frames=6, seed=0)
+    user = al.data.copy()
+    viewer.window.add_dock_widget(w)
     assert w.run("forward")
     _wait(qtbot, w)
     out = viewer.layers[w.OUT_LABELS]
@@ -65,21 +71,8 @@ def test_widget_flow(make_napari_viewer, qtbot, tmp_path):
 
 def test_widget_instance_mode_exports_ctc_tracks(make_napari_viewer, qtbot, tmp_path):
     """Instance mode: linked instances layer, and Export writes the CTC tracks beside the store."""
-    from napari_leakseg._napari.widgets.propagate import PropagateWidget
-    from napari_leakseg.samples import timelapse
-
-    torch.set_num_threads(1)
-    stack, inst = timelapse(n_frames=4, shape=(48, 48), n_cells=2, seed=1)
-    ann = np.zeros(inst.shape, np.uint8)
-    ann[0] = inst[0] > 0
-    viewer = make_napari_viewer()
-    im = viewer.add_image(stack, name="cells")
-    al = viewer.add_labels(ann, name="annotation")
-    w = PropagateWidget(viewer)
-    w.image.value, w.annotations.value = im, al
-    w.init_steps.value, w.steps.value = 40, 1
+    viewer, w, stack, _ = _setup(make_napari_viewer, n_frames=4, seed=1)
     w.instances.value = True
-    w.device_combo.value = "cpu"
     assert w.run("forward")
     _wait(qtbot, w)
     lab = viewer.layers[w.OUT_INST].data

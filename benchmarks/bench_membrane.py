@@ -211,13 +211,18 @@ def run_setting(name, train_ids, test_ims, test_lbs, d, args, log, with_rf=True)
 METRICS = ("f1", "iou", "adapted_rand_error", "voi")
 
 
-def summarize(rows):
-    """Mean, sd and n over seeds for each (setting, method); times are medians over seeds."""
+def by_method(rows):
+    """Result rows grouped by (setting, method), in first-seen order."""
     groups = {}
     for r in rows:
         groups.setdefault((r["setting"], r["method"]), []).append(r)
+    return groups
+
+
+def summarize(rows):
+    """Mean, sd and n over seeds for each (setting, method); times are medians over seeds."""
     out = []
-    for (setting, method), rs in groups.items():
+    for (setting, method), rs in by_method(rows).items():
         srt = dict(setting=setting, method=method, n_train=rs[0]["n_train"], n_seeds=len(rs),
                    seeds=[r.get("seed", 0) for r in rs])
         for k in METRICS:
@@ -452,7 +457,8 @@ def assemble(args):
     note = ""
     if args.note and Path(args.note).exists():
         note = Path(args.note).read_text().strip()
-    write_outputs(rows, args, note)
+    if not args.no_write:
+        write_outputs(rows, args, note)
     return 0
 
 

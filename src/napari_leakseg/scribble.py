@@ -635,9 +635,22 @@ def _predict_full(model, x_full, dev, cfg: SegmentConfig, K, class_ids, n_segmen
             lab = merge_small_components(lab, msize)
         out.append(lab)
     labels = np.stack(out)
-    # compact: ids 1..K kept, others renumbered K+1.. (consecutive)
+    # compact: ids 1..K kept, others renumbered K+1.. (consecutive); the saved channel→id table
+    # is renumbered the same way, so a saved model numbers segments as this result does
+    lut = _compact_lut(lut, np.unique(labels), K)
     labels = _compact_keep(labels, K)
     return labels, lut, counts
+
+
+def _compact_lut(lut: np.ndarray, present: np.ndarray, K: int) -> np.ndarray:
+    """``lut`` with ids > K renumbered like :func:`_compact_keep` renumbers ``present``.
+
+    Ids that ``present`` lacks (segments merged away as small components) follow the kept ones.
+    """
+    ext = [int(v) for v in present if v > K]
+    gone = sorted({int(v) for v in lut if v > K} - set(ext))
+    new = {v: K + 1 + i for i, v in enumerate(ext + gone)}
+    return np.array([new.get(int(v), int(v)) for v in lut], np.int64)
 
 
 def _compact_keep(lab: np.ndarray, K: int) -> np.ndarray:

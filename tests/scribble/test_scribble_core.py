@@ -1,5 +1,6 @@
 """Core behaviour of napari_leakseg.scribble on small synthetic images."""
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,10 @@ from napari_leakseg.core.errors import InputError, LeaksegError
 from napari_leakseg.core.jobs import run_job
 from napari_leakseg.scribble import iter_segment, merge_small_components, segment
 
-FAST = dict(device="cpu", max_iter=40)
+# LEAKSEG_TEST_DEVICE=cuda runs these tests on a GPU (the device check); CI has none
+DEVICE = os.environ.get("LEAKSEG_TEST_DEVICE", "cpu")
+
+FAST = dict(device=DEVICE, max_iter=40)
 
 
 def blocks(h=48, w=64, seed=0, dtype=np.uint8):
@@ -53,7 +57,10 @@ def test_unsupervised_compact_coherent_and_reproducible():
     assert lab.shape == img.shape[:2] and lab.dtype.kind == "u"
     ids = np.unique(lab)
     assert ids.min() >= 1 and list(ids) == list(range(1, len(ids) + 1))  # compact 1..n
-    np.testing.assert_array_equal(lab, r2.labels)  # seeded
+    if DEVICE == "cpu":
+        np.testing.assert_array_equal(lab, r2.labels)  # seeded
+    else:  # CUDA: scatter/atomic-add kernels leave a few pixels free (1 of 3072 seen on an H100)
+        assert (lab == r2.labels).mean() > 0.99
     # the three colour regions are separated: the disc and the blue half get different labels
     assert np.bincount(lab[disc]).argmax() != np.bincount(lab[:, -10:].ravel()).argmax()
     # no 1-pixel border strips and no speckle: every 4-connected component is large
@@ -116,7 +123,7 @@ def test_channel_and_dtype_variants(kind):
         x = blocks(dtype=np.float64)[0] * 1000 - 3
     else:
         x = img[..., 0] > 128
-    r = segment(x, device="cpu", max_iter=5)
+    r = segment(x, device=DEVICE, max_iter=5)
     assert r.labels.shape == img.shape[:2]
 
 
@@ -139,7 +146,7 @@ def test_bad_inputs_have_clear_messages():
     orig = img.copy()
     s = strokes()
     s0 = s.copy()
-    segment(img, s, device="cpu", max_iter=3)
+    segment(img, s, device=DEVICE, max_iter=3)
     np.testing.assert_array_equal(img, orig)  # inputs untouched
     np.testing.assert_array_equal(s, s0)
 
@@ -152,7 +159,7 @@ def test_cancel_returns_last_result_and_previews():
         events.append(ev)
         return False if len(events) >= 3 else None
 
-    res = run_job(iter_segment(img, strokes(), device="cpu", max_iter=100), cb)
+    res = run_job(iter_segment(img, strokes(), device=DEVICE, max_iter=100), cb)
     assert res.cancelled and res.value is not None
     assert res.value.stopped == "cancelled"
     assert res.value.labels.shape == img.shape[:2]
@@ -163,19 +170,19 @@ def test_cancel_returns_last_result_and_previews():
 def test_warm_start_converges_faster():
     img, _ = blocks()
     scr = strokes()
-    r0 = segment(img, scr, device="cpu", max_iter=150, seed=0)
+    r0 = segment(img, scr, device=DEVICE, max_iter=150, seed=0)
     assert r0.stopped == "converged"
     more = scr.copy()
     more[2:8, 2:30] = 3  # a new stroke
-    cold = segment(img, more, device="cpu", max_iter=150, seed=1)
-    warm = segment(img, more, device="cpu", max_iter=150, seed=1, warm_start=r0.state)
+    cold = segment(img, more, device=DEVICE, max_iter=150, seed=1)
+    warm = segment(img, more, device=DEVICE, max_iter=150, seed=1, warm_start=r0.state)
     assert warm.n_iter < cold.n_iter
     assert (warm.labels[more == 3] == 3).mean() > 0.9
 
 
 def test_paper_config_runs():
     img, _ = blocks(24, 32)
-    r = segment(img, config="paper", device="cpu", max_iter=5)
+    r = segment(img, config="paper", device=DEVICE, max_iter=5)
     assert r.labels.shape == (24, 32)
     meta = r.state["metadata"]
     assert meta["arch"]["q"] == 100 and meta["arch"]["padding_mode"] == "zeros"
@@ -202,7 +209,7 @@ def test_save_load_predictor_roundtrip(tmp_path):
     img, disc = blocks()
     r = segment(img, strokes(), **FAST)
     p = store.save(r.state["state_dict"], tmp_path / "m.pt", r.state["metadata"])
-    pred = load_predictor(p, device="cpu", capability="scribble")
+    pred = load_predictor(p, device=DEVICE, capability="scribble")
     x = np.moveaxis(img, -1, 0)
     out = pred.finalize(predict_tiled(pred.fn, x, tile=32, overlap=8, preprocess=pred.preprocess))
     assert out.shape == img.shape[:2]
@@ -219,3 +226,17 @@ def test_merge_small_components():
     out = merge_small_components(lab, 30)
     assert set(np.unique(out)) == {1, 2}
     assert lab[5, 5] == 3  # input untouched
+
+
+def test_saved_channel_table_numbers_segments_like_the_result():
+    from napari_leakseg.scribble import _compact_keep, _compact_lut
+
+    K = 7
+    # channels → ids before compaction; id 10 won some pixels but was merged away as small components
+    lut = np.array([3, 0, 9, 10, 12, 7], np.int64)
+    labels = np.array([[3, 9, 9], [12, 12, 7]])
+    out = _compact_keep(labels, K)
+    new = _compact_lut(lut, np.unique(labels), K)
+    argmax = np.array([[0, 2, 2], [4, 4, 5]])  # the channels that produced `labels`
+    np.testing.assert_array_equal(new[argmax], out)  # the saved table reproduces the result's ids
+    assert list(new) == [3, 0, 8, 10, 9, 7]  # the merged-away id follows the kept ones

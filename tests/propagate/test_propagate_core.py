@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,9 @@ from napari_leakseg.propagate import (
     propagate,
     tracks_of,
 )
+
+# LEAKSEG_TEST_DEVICE=cuda runs these tests on a GPU (the device check); CI has none
+DEVICE = os.environ.get("LEAKSEG_TEST_DEVICE", "cpu")
 
 #: tiny and fast settings for CI
 FAST = dict(downsample=1, base=8, depth=2, init_steps=60, steps=2, resume_steps=10,
@@ -70,7 +74,7 @@ def test_propagates_and_keeps_annotation(data):
     stack, inst = data
     lab = first_only(inst)
     events = []
-    sess = propagate(stack, lab, direction="forward", device="cpu", callback=events.append, **FAST)
+    sess = propagate(stack, lab, direction="forward", device=DEVICE, callback=events.append, **FAST)
     assert sess.status[0] == "annotated"
     assert all(s == "pseudo" for s in sess.status[1:])
     np.testing.assert_array_equal(sess.labels[0], lab[0])
@@ -87,15 +91,15 @@ def test_propagates_and_keeps_annotation(data):
 
 def test_deterministic(data):
     stack, inst = data
-    a = propagate(stack[:4], first_only(inst[:4]), device="cpu", **FAST)
-    b = propagate(stack[:4], first_only(inst[:4]), device="cpu", **FAST)
+    a = propagate(stack[:4], first_only(inst[:4]), device=DEVICE, **FAST)
+    b = propagate(stack[:4], first_only(inst[:4]), device=DEVICE, **FAST)
     np.testing.assert_array_equal(a.labels, b.labels)
 
 
 def test_confirmed_frames_are_never_modified(data):
     stack, inst = data
     lab = first_only(inst)
-    sess = Propagator(stack, lab, device="cpu", **FAST)
+    sess = Propagator(stack, lab, device=DEVICE, **FAST)
     odd = np.zeros(stack.shape[1:], np.uint8)
     odd[:10, :10] = 1  # deliberately unlike the prediction
     sess.confirm(4, odd)
@@ -112,7 +116,7 @@ def test_resume_recomputes_only_between_anchors(data):
     lab = np.zeros(inst.shape, np.uint8)
     lab[0] = inst[0] > 0
     lab[6] = inst[6] > 0
-    sess = Propagator(stack, lab, device="cpu", **FAST)
+    sess = Propagator(stack, lab, device=DEVICE, **FAST)
     assert sess.anchors == [0, 6]
     sess.run("both")
     assert sess.status == ["annotated"] + ["pseudo"] * 5 + ["annotated", "pseudo"]
@@ -139,7 +143,7 @@ def test_resume_recomputes_only_between_anchors(data):
 
 def test_cancel_keeps_frames_done(data):
     stack, inst = data
-    sess = Propagator(stack, first_only(inst), device="cpu", **FAST)
+    sess = Propagator(stack, first_only(inst), device=DEVICE, **FAST)
     n = {"frames": 0}
 
     def cb(ev):
@@ -160,7 +164,7 @@ def test_cancel_keeps_frames_done(data):
 
 def test_edited_frames_detects_user_paint(data):
     stack, inst = data
-    sess = propagate(stack[:4], first_only(inst[:4]), device="cpu", **FAST)
+    sess = propagate(stack[:4], first_only(inst[:4]), device=DEVICE, **FAST)
     layer = np.array(sess.labels, copy=True)
     assert sess.edited_frames(layer) == []
     layer[2, 0, 0] = 1 - layer[2, 0, 0]
@@ -192,7 +196,7 @@ def test_lazy_frames_and_zarr_outputs(data, tmp_path):
                           chunks=(1,) + stack.shape[1:], dtype="uint8")
     conf = zarr.open_array(str(tmp_path / "conf.zarr"), mode="w", shape=stack.shape,
                            chunks=(1,) + stack.shape[1:], dtype="uint8")
-    sess = propagate(lazy, first_only(inst), device="cpu", out=out, confidence_out=conf,
+    sess = propagate(lazy, first_only(inst), device=DEVICE, out=out, confidence_out=conf,
                      direction="forward", **FAST)
     assert set(lazy.reads) == set(range(len(stack)))
     assert np.asarray(out[5]).any() and np.asarray(conf[5]).max() > 200
@@ -237,7 +241,7 @@ def test_instance_mode_session(data):
     stack, inst = data
     lab = np.zeros(inst.shape, np.uint16)
     lab[0] = inst[0]  # instance ids are binarised for training
-    sess = propagate(stack, lab, device="cpu", instances=True, direction="forward", **FAST)
+    sess = propagate(stack, lab, device=DEVICE, instances=True, direction="forward", **FAST)
     assert sess.n_classes == 2
     linked = sess.instances(min_size=5)
     assert linked.shape == stack.shape and linked[1:].max() >= 1
@@ -249,11 +253,11 @@ def test_saved_model_predictor(data, tmp_path):
     from napari_leakseg.core.tiling import predict_tiled
 
     stack, inst = data
-    sess = propagate(stack[:3], first_only(inst[:3]), device="cpu", **FAST)
+    sess = propagate(stack[:3], first_only(inst[:3]), device=DEVICE, **FAST)
     path = sess.save_model(tmp_path / "m.pt")
     sd, meta = store.load(path, capability="propagate")
     assert meta["frame_status"] == sess.status and meta["capability"] == "propagate"
-    pred = predictor_from_model(sd, meta, device="cpu")
+    pred = predictor_from_model(sd, meta, device=DEVICE)
     x = normalize(stack[1].astype(np.float32))[None]
     lab = pred.finalize(predict_tiled(pred.fn, x, tile=pred.tile, overlap=pred.halo))
     assert lab.shape == stack.shape[1:]
@@ -293,7 +297,7 @@ def test_bad_input(case, msg):
     elif case == "bad_tau":
         kw["tau"] = 1.5
     with pytest.raises(InputError, match=msg):
-        Propagator(stack, lab, device="cpu", **kw)
+        Propagator(stack, lab, device=DEVICE, **kw)
 
 
 def test_odd_sizes_downsampled_and_cleanup():
@@ -301,7 +305,7 @@ def test_odd_sizes_downsampled_and_cleanup():
 
     stack, inst = timelapse(T=3, shape=(41, 37))
     lab = first_only(inst)
-    sess = propagate(stack, lab, device="cpu", **{**FAST, "downsample": 2, "init_steps": 5,
+    sess = propagate(stack, lab, device=DEVICE, **{**FAST, "downsample": 2, "init_steps": 5,
                                                   "min_size": 20})
     assert sess.labels.shape == stack.shape and sess.status == ["annotated", "pseudo", "pseudo"]
     a = np.zeros((30, 30), np.uint8)

@@ -3,6 +3,7 @@ training (3 modes), cancel, save/load, tiling equality, fabrication check, bad i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -15,6 +16,9 @@ from napari_leakseg import restore as R
 from napari_leakseg.core.errors import InputError
 from napari_leakseg.core.jobs import CancelToken, run_job
 from napari_leakseg.core.normalize import normalize
+
+# LEAKSEG_TEST_DEVICE=cuda runs these tests on a GPU (the device check); CI has none
+DEVICE = os.environ.get("LEAKSEG_TEST_DEVICE", "cpu")
 
 
 def particles(shape=(96, 96), n=25, seed=0, r=(2.0, 4.0)):
@@ -166,7 +170,7 @@ def test_estimate_blur_with_reference():
 
 
 def _quick(**kw):
-    base = dict(steps=8, batch_size=2, crop=32, base=8, depth=2, seed=0, device="cpu", val_every=4,
+    base = dict(steps=8, batch_size=2, crop=32, base=8, depth=2, seed=0, device=DEVICE, val_every=4,
                 preview=True)
     base.update(kw)
     return base
@@ -190,7 +194,7 @@ def test_train_paired_degrade_selfsup(sem, tmp_path):
     assert np.allclose(R.restore_image(loaded, low), out, atol=1e-5)
     from napari_leakseg.core.predictor import load_predictor
 
-    pred = load_predictor(p, device="cpu")
+    pred = load_predictor(p, device=DEVICE)
     assert pred.output == "image" and pred.capability == "restore"
     y = pred.finalize(pred.fn(normalize(low)[None]))
     assert y.shape == low.shape

@@ -76,6 +76,10 @@ def seed_everything(seed: int | None) -> torch.Generator | None:
     if seed is None:
         return None
     torch.manual_seed(int(seed))
+    # on a GPU the same seed gives the same weights only with deterministic cuDNN kernels
+    # (the autotuner and some fast convolution backward kernels are not reproducible)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     g = torch.Generator()
     g.manual_seed(int(seed))
     return g

@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import bench_membrane as B  # noqa: E402
 from napari_leakseg import membrane as M  # noqa: E402

@@ -635,32 +635,25 @@ def _predict_full(model, x_full, dev, cfg: SegmentConfig, K, class_ids, n_segmen
             lab = merge_small_components(lab, msize)
         out.append(lab)
     labels = np.stack(out)
-    # compact: ids 1..K kept, others renumbered K+1.. (consecutive); the saved channel→id table
-    # is renumbered the same way, so a saved model numbers segments as this result does
-    lut = _compact_lut(lut, np.unique(labels), K)
-    labels = _compact_keep(labels, K)
+    # compact: ids 1..K kept, others renumbered K+1.. (consecutive), in the result and in the
+    # saved channel→id table alike, so a saved model numbers segments as this result does
+    lut, labels = _compact_ids(lut, labels, K)
     return labels, lut, counts
 
 
-def _compact_lut(lut: np.ndarray, present: np.ndarray, K: int) -> np.ndarray:
-    """``lut`` with ids > K renumbered like :func:`_compact_keep` renumbers ``present``.
+def _compact_ids(lut: np.ndarray, labels: np.ndarray, K: int):
+    """Renumber ids > K to K+1.. consecutively in ``labels`` and, by the same map, in ``lut``.
 
-    Ids that ``present`` lacks (segments merged away as small components) follow the kept ones.
+    Ids of ``lut`` that ``labels`` lacks (segments merged away as small components) follow the
+    kept ones. Returns ``(lut int64, labels as the smallest unsigned dtype)``.
     """
-    ext = [int(v) for v in present if v > K]
-    gone = sorted({int(v) for v in lut if v > K} - set(ext))
-    new = {v: K + 1 + i for i, v in enumerate(ext + gone)}
-    return np.array([new.get(int(v), int(v)) for v in lut], np.int64)
-
-
-def _compact_keep(lab: np.ndarray, K: int) -> np.ndarray:
-    ids = np.unique(lab)
-    ext = ids[ids > K]
-    out = lab.astype(np.int64, copy=True)
-    if ext.size:
-        m = lab > K
-        out[m] = K + 1 + np.searchsorted(ext, lab[m])
-    return smallest_uint(out)
+    lut = np.asarray(lut, np.int64)
+    labels = np.asarray(labels, np.int64)
+    kept = [int(v) for v in np.unique(labels) if v > K]
+    gone = sorted({int(v) for v in lut if v > K} - set(kept))
+    new = np.arange(max(int(labels.max(initial=0)), int(lut.max(initial=0))) + 1)
+    new[kept + gone] = K + 1 + np.arange(len(kept) + len(gone))
+    return new[lut], smallest_uint(new[labels])
 
 
 def segment(image, scribbles=None, *, n_segments=None, max_iter=None, time_budget=None, seed=0,

@@ -229,14 +229,14 @@ def test_merge_small_components():
 
 
 def test_saved_channel_table_numbers_segments_like_the_result():
-    from napari_leakseg.scribble import _compact_keep, _compact_lut
+    from napari_leakseg.scribble import _compact_ids
 
     K = 7
     # channels → ids before compaction; id 10 won some pixels but was merged away as small components
     lut = np.array([3, 0, 9, 10, 12, 7], np.int64)
     labels = np.array([[3, 9, 9], [12, 12, 7]])
-    out = _compact_keep(labels, K)
-    new = _compact_lut(lut, np.unique(labels), K)
+    new, out = _compact_ids(lut, labels, K)
+    np.testing.assert_array_equal(out, [[3, 8, 8], [9, 9, 7]])  # ids 1..K kept, others K+1.. consecutive
     argmax = np.array([[0, 2, 2], [4, 4, 5]])  # the channels that produced `labels`
     np.testing.assert_array_equal(new[argmax], out)  # the saved table reproduces the result's ids
     assert list(new) == [3, 0, 8, 10, 9, 7]  # the merged-away id follows the kept ones

@@ -826,13 +826,13 @@ def ctc_folder_taken(folder) -> bool:
 
 def check_ctc_folder(folder, overwrite: bool = False) -> Path:
     """A CTC results folder to write: refused when it holds files (unless ``overwrite``) or
-    when its parent folder is missing."""
+    when its parent folder is missing, not a folder or not writable (``core.io.check_target``)."""
+    from .core.io import check_target
+
     folder = Path(folder)
     if not overwrite and ctc_folder_taken(folder):
         raise LeaksegError(f"CTC folder {folder} exists and is not empty; choose another or pass --overwrite")
-    if not folder.parent.exists():
-        raise LeaksegError(f"folder {folder.parent} does not exist")
-    return folder
+    return check_target(folder, overwrite=True)  # an empty existing folder may be reused
 
 
 def export_ctc(instances, folder, overwrite: bool = False) -> Path:

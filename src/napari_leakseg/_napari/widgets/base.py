@@ -232,14 +232,18 @@ class JobWidget(QWidget):
             return None
         return True
 
+    @staticmethod
+    def zarr_path(path) -> Path:
+        """The export target: ``path`` with ``.zarr`` appended unless it ends in it."""
+        path = Path(path)
+        return path if str(path).endswith(".zarr") else path.with_name(path.name + ".zarr")
+
     def export_to(self, path, names: Optional[list[str]] = None, *, overwrite: bool = False,
                   confirm: bool = False) -> Optional[Path]:
         """Export output layers to ``path``; asks before overwriting when ``confirm``."""
         from .. import export as _export
 
-        path = Path(path)
-        if not str(path).endswith(".zarr"):
-            path = path.with_name(path.name + ".zarr")
+        path = self.zarr_path(path)
         names = names or [n for n in self.output_layer_names() if n in self.viewer.layers]
         overwrite = self.may_replace(path, path.exists(), overwrite, confirm)
         if overwrite is None:

@@ -71,15 +71,11 @@ class PropagateWidget(JobWidget):
     def export_to(self, path, names=None, *, overwrite: bool = False, confirm: bool = False):
         """The shared OME-Zarr export (labels + per-frame status); in instance mode also the
         tracks in Cell Tracking Challenge format, in ``<name>_ctc/`` beside the store."""
-        from pathlib import Path
-
         from ...core.errors import LeaksegError
         from ...propagate import ctc_folder_taken, export_ctc
         from ..workers import notify_error
 
-        path = Path(path)
-        if not str(path).endswith(".zarr"):
-            path = path.with_name(path.name + ".zarr")
+        path = self.zarr_path(path)
         ctc = path.with_name(path.name[: -len(".zarr")] + "_ctc")
         want_ctc = self.OUT_INST in self.viewer.layers and (names is None or self.OUT_INST in names)
         if want_ctc and self.may_replace(ctc, ctc_folder_taken(ctc), overwrite, confirm) is None:

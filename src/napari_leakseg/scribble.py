@@ -90,12 +90,23 @@ class SegmentConfig:
     min_size: Optional[float] = 0.0001  # merge 4-connected components below this (fraction of area, or pixels if >= 1; at least 8 px)
     smooth: float = 0.0              # Gaussian sigma applied to the input (pixels, full res)
     coords: float = 0.0              # weight of (y, x) position channels added to the input (0 = none)
+    input: str = "raw"               # "raw": the image itself (3x3 convs); "filters": a multiscale filter bank
+    sigmas: tuple = (1.0, 2.0, 4.0, 8.0, 16.0)  # filter-bank scales (input="filters")
+    hidden: int = 32                 # hidden width of the per-pixel network (input="filters")
+    balance: bool = False            # class-balanced scribble loss (weights 1 / pixels per class)
+    adapt_con: float = 0.0           # > 0: multiply mu_con by this whenever a class's scribbles are not learned
+    con_crop: int = 64               # filters + scribbles: continuity on 2 full-resolution crops of this size
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 CONFIGS = {
+    # scribbles: a per-pixel network on an ilastik-style filter bank (issue 14), trained with the DFC
+    # losses on a downsampled grid and the scribble loss on every scribbled pixel at full resolution
+    "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.3, mu_con=0.0, mu_scr=1.0,
+                             train_pixels=20_000, max_iter=80, min_iter=40, scribble_acc=0.95,
+                             min_size=None),
     "fast": SegmentConfig(),
     "paper": SegmentConfig(
         q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1, mu_con=1.0, mu_scr=0.5,
@@ -112,7 +123,7 @@ def get_config(config="fast", **overrides) -> SegmentConfig:
         cfg = SegmentConfig(**config)
     else:
         if config not in CONFIGS:
-            raise LeaksegError(f"unknown config {config!r}; choose one of {', '.join(CONFIGS)}")
+            raise LeaksegError(f"unknown config {config!r}; choose one of auto, {', '.join(CONFIGS)}")
         cfg = copy.deepcopy(CONFIGS[config])
     for k, v in overrides.items():
         if v is None:
@@ -145,13 +156,54 @@ class FeatureNet(nn.Module):
         return self.bn3(self.conv3(x))
 
 
+class FilterNet(nn.Module):
+    """A multiscale filter bank (``core.filters``, standardised by stored statistics) and a per-pixel
+    network: conv1x1 → ReLU → conv1x1 → ReLU → conv1x1, giving the q-channel DFC response (no
+    BatchNorm: it would force every class channel to zero mean over the image).
+
+    ``forward(x)`` takes normalised image channels; ``head(f)`` takes standardised features (training
+    computes the filter bank once and calls ``head``). Context comes from the filters (up to sigma 16).
+    """
+
+    def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=(1.0, 2.0, 4.0, 8.0, 16.0)):
+        super().__init__()
+        from .core.filters import n_features
+
+        self.sigmas = tuple(float(s) for s in sigmas)
+        nf = n_features(in_channels, self.sigmas)
+        self.register_buffer("mean", torch.zeros(1, nf, 1, 1))
+        self.register_buffer("std", torch.ones(1, nf, 1, 1))
+        self.head = nn.Sequential(nn.Conv2d(nf, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
+                                  nn.Conv2d(hidden, q, 1))
+
+    def features(self, x):
+        from .core.filters import multiscale_features
+
+        return (multiscale_features(x, self.sigmas) - self.mean) / self.std
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 def _arch(in_channels, cfg: SegmentConfig) -> dict:
+    if cfg.input == "filters":
+        return {"kind": "filters", "in_channels": int(in_channels), "q": int(cfg.q), "hidden": int(cfg.hidden),
+                "sigmas": [float(v) for v in cfg.sigmas]}
     return {"in_channels": int(in_channels), "q": int(cfg.q), "n_conv": int(cfg.n_conv),
             "padding_mode": cfg.padding_mode}
 
 
-def build_model(arch: dict) -> FeatureNet:
+def build_model(arch: dict) -> nn.Module:
+    if arch.get("kind", "conv") == "filters":
+        return FilterNet(arch["in_channels"], arch["q"], arch["hidden"], arch["sigmas"])
     return FeatureNet(arch["in_channels"], arch["q"], arch["n_conv"], arch.get("padding_mode", "replicate"))
+
+
+def _halo(arch: dict) -> int:
+    """Context a tile needs on each side for the same prediction as on the whole image."""
+    if arch.get("kind", "conv") == "filters":
+        return int(math.ceil(3 * max(arch["sigmas"]))) + 16
+    return 2 * (arch["n_conv"] + 1)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -282,6 +334,127 @@ def _channel_lut(counts: np.ndarray, K: int, class_ids: list[int], allowed: np.n
     return lut
 
 
+
+# --------------------------------------------------------------------------- training data
+_FEATURE_CACHE: dict = {}  # one entry: the last image's filter bank (Refine reuses it)
+
+
+def _filter_bank(model: "FilterNet", x: torch.Tensor, dev) -> torch.Tensor:
+    """Raw multiscale features of (N, C, Y, X) ``x`` on ``dev``, cached for the last image seen."""
+    import hashlib
+
+    from .core.filters import multiscale_features
+
+    key = (hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest(), tuple(x.shape), model.sigmas, str(dev))
+    if key not in _FEATURE_CACHE:
+        _FEATURE_CACHE.clear()
+        _FEATURE_CACHE[key] = torch.cat([multiscale_features(x[i:i + 1].to(dev), model.sigmas)
+                                         for i in range(x.shape[0])])
+    return _FEATURE_CACHE[key]
+
+
+@dataclass
+class _TrainData:
+    """What one training iteration needs, for either network kind."""
+
+    x_full: torch.Tensor                  # (N, C, Y, X) normalised image (CPU)
+    grid: torch.Tensor                    # network input on the downsampled grid (device)
+    hw: tuple
+    scale: float
+    tgt_scr: Optional[torch.Tensor] = None     # scribbles (N, h, w) on the grid, or (P,) at full res
+    scr_target: Optional[torch.Tensor] = None  # channel index of each scribbled pixel
+    scr_idx: Optional[torch.Tensor] = None     # grid positions of scribbles (raw net) or None
+    sim_idx: Optional[torch.Tensor] = None     # grid positions in the similarity loss (None = all)
+    scr_feats: Optional[torch.Tensor] = None   # (1, F, 1, P) features of the scribbled pixels (filters)
+    f_full: Optional[torch.Tensor] = None      # standardised full-resolution features (filters)
+    crop: int = 0                              # continuity on full-resolution crops of this size (filters)
+    gen: Optional[torch.Generator] = None
+
+    def crops(self, n: int = 2) -> torch.Tensor:
+        """``n`` random full-resolution crops of the features (continuity at the image's own scale)."""
+        N, F_, Y, X = self.f_full.shape
+        cy, cx = min(self.crop, Y), min(self.crop, X)
+        r = torch.randint(0, 1 << 30, (n, 3), generator=self.gen)
+        return torch.stack([self.f_full[int(a) % N, :, int(b) % (Y - cy + 1):int(b) % (Y - cy + 1) + cy,
+                                        int(c) % (X - cx + 1):int(c) % (X - cx + 1) + cx] for a, b, c in r])
+
+    def forward(self, model):
+        """(grid response (N, q, h, w), logits of the scribbled pixels (P, q) or None)."""
+        if self.scr_feats is None:  # raw conv net: scribbles live on the grid
+            out = model(self.grid)
+            if self.scr_idx is None:
+                return out, None
+            return out, out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])[self.scr_idx]
+        N, F_, h, w = self.grid.shape
+        flat = self.grid.permute(1, 0, 2, 3).reshape(1, F_, 1, N * h * w)
+        parts = [flat, self.scr_feats]
+        if self.crop:
+            cr = self.crops()
+            parts.append(cr.permute(1, 0, 2, 3).reshape(1, F_, 1, -1))
+        both = model.head(torch.cat(parts, 3))[0, :, 0]  # one batch: shared BN statistics
+        n = N * h * w
+        out = both[:, :n].reshape(-1, N, h, w).permute(1, 0, 2, 3)
+        P = self.scr_feats.shape[3]
+        self.crop_out = both[:, n + P:].reshape(-1, cr.shape[0], cr.shape[2], cr.shape[3]).permute(1, 0, 2, 3) \
+            if self.crop else None
+        return out, both[:, n:n + P].T
+
+    def class_weights(self, q: int):
+        counts = torch.bincount(self.scr_target, minlength=q).float()
+        return torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), 1.0)
+
+
+def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -> _TrainData:
+    N, _, Y, X = x_np.shape
+    scale = min(1.0, math.sqrt(cfg.train_pixels / float(N * Y * X if cfg.input == "filters" else Y * X))) \
+        if cfg.train_pixels else 1.0
+    h, w = max(4, int(round(Y * scale))), max(4, int(round(X * scale)))
+    xt = torch.from_numpy(x_np)
+    if cfg.smooth > 0:
+        from scipy.ndimage import gaussian_filter
+        xt = torch.from_numpy(gaussian_filter(x_np, (0, 0, cfg.smooth, cfg.smooth)).astype(np.float32))
+    if cfg.coords > 0:
+        xt = _add_coords(xt, cfg.coords)
+
+    def down(t):
+        return F.interpolate(t, size=(h, w), mode="area" if cfg.input == "filters" else "bilinear",
+                             **({} if cfg.input == "filters" else {"align_corners": False, "antialias": True})) \
+            if (h, w) != (Y, X) else t
+
+    if cfg.input == "filters":
+        raw = _filter_bank(model, xt, dev)
+        if fit_stats:
+            from .core.filters import standardize
+
+            _, (mean, std) = standardize(raw)
+            model.mean.copy_(mean)
+            model.std.copy_(std)
+        f_full = (raw - model.mean) / model.std
+        data = _TrainData(xt, down(f_full).contiguous(), (h, w), scale, f_full=f_full, crop=cfg.con_crop,
+                          gen=torch.Generator().manual_seed(0))
+        if scr is None:
+            data.crop = 0  # unsupervised: continuity on the grid, as the reference
+        else:
+            zz, yy, xx = np.nonzero(scr)
+            data.tgt_scr = torch.from_numpy(scr[zz, yy, xx]).to(dev)
+            data.scr_target = data.tgt_scr - 1
+            data.scr_feats = f_full[zz, :, yy, xx].T[None, :, None, :].contiguous()
+        return data
+    data = _TrainData(xt, down(xt).to(dev).contiguous(), (h, w), scale)
+    if scr is not None:
+        if (h, w) != (Y, X):
+            small = np.zeros((N, h, w), np.int64)
+            zz, yy, xx = np.nonzero(scr)
+            small[zz, np.minimum((yy * h) // Y, h - 1), np.minimum((xx * w) // X, w - 1)] = scr[zz, yy, xx]
+        else:
+            small = scr
+        data.tgt_scr = torch.from_numpy(small).to(dev)
+        data.scr_idx = (data.tgt_scr > 0).reshape(-1)
+        data.scr_target = data.tgt_scr.reshape(-1)[data.scr_idx] - 1
+        data.sim_idx = ~data.scr_idx
+    return data
+
+
 # --------------------------------------------------------------------------- the job
 def iter_segment(
     image,
@@ -294,7 +467,7 @@ def iter_segment(
     device="auto",
     warm_start: Optional[dict] = None,
     classes_only: bool = False,
-    config="fast",
+    config="auto",
     rgb: Optional[bool] = None,
     stack: Optional[bool] = None,
     preview_interval: float = 0.5,
@@ -311,6 +484,8 @@ def iter_segment(
     result of the current weights.
     """
     t_start = time.perf_counter()
+    if isinstance(config, str) and config == "auto":  # filter bank with scribbles, raw image without
+        config = "filters" if scribbles is not None and np.asarray(scribbles).any() else "fast"
     cfg = get_config(config, max_iter=max_iter, **overrides)
     if n_segments is not None and int(n_segments) < 1:
         raise LeaksegError(f"n_segments must be at least 1, got {n_segments}")
@@ -340,58 +515,34 @@ def iter_segment(
             raise LeaksegError(
                 f"cannot warm-start: the saved model takes {arch.get('in_channels')} channel(s), "
                 f"this image needs {C}")
-        if K > arch.get("q", 0) - 1:
+        if K > arch.get("q", 0):
             raise LeaksegError(f"cannot warm-start: class id {K} needs more than the model's {arch.get('q')} channels")
         q = arch["q"]
-        cfg.q, cfg.n_conv, cfg.padding_mode = arch["q"], arch["n_conv"], arch.get("padding_mode", cfg.padding_mode)
+        if arch.get("kind", "conv") == "filters":
+            cfg.input, cfg.q, cfg.hidden, cfg.sigmas = "filters", arch["q"], arch["hidden"], tuple(arch["sigmas"])
+        else:
+            cfg.input, cfg.q, cfg.n_conv = "raw", arch["q"], arch["n_conv"]
+            cfg.padding_mode = arch.get("padding_mode", cfg.padding_mode)
     else:
-        if K >= q:
+        if cfg.input == "filters" and classes_only and len(class_ids) > 1:
+            q = cfg.q = K  # DFC over the scribbled classes only: self-training among them
+        elif K >= q:
             q = cfg.q = K + max(8, cfg.q - K if cfg.q > K else 8)
         arch = _arch(C, cfg)
 
     dev = resolve_device(device)
     seed_everything(seed)
 
-    # ---- training copy (downsampled) and scribble targets
-    scale = 1.0
-    if cfg.train_pixels:
-        scale = min(1.0, math.sqrt(cfg.train_pixels / float(Y * X)))
-    h, w = max(4, int(round(Y * scale))), max(4, int(round(X * scale)))
-    xt = torch.from_numpy(x_np)
-    if cfg.smooth > 0:
-        from scipy.ndimage import gaussian_filter
-        xt = torch.from_numpy(gaussian_filter(x_np, (0, 0, cfg.smooth, cfg.smooth)).astype(np.float32))
-    if cfg.coords > 0:
-        xt = _add_coords(xt, cfg.coords)
-    x_full = xt
-    if (h, w) != (Y, X):
-        x_train = F.interpolate(xt, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    else:
-        x_train = xt
-    x_train = x_train.to(dev).contiguous()
-
-    tgt_scr = None
-    if scr is not None:
-        if (h, w) != (Y, X):
-            small = np.zeros((N, h, w), np.int64)
-            zz, yy, xx = np.nonzero(scr)
-            iy = np.minimum((yy * h) // Y, h - 1)
-            ix = np.minimum((xx * w) // X, w - 1)
-            small[zz, iy, ix] = scr[zz, yy, xx]
-        else:
-            small = scr
-        tgt_scr = torch.from_numpy(small).to(dev)
-        scr_mask = tgt_scr > 0
-        scr_idx = scr_mask.reshape(-1)
-        scr_target = (tgt_scr.reshape(-1)[scr_idx] - 1)
-        sim_idx = ~scr_idx
-
+    # ---- the model, its training copy (downsampled grid) and the scribble targets
     model = build_model(arch).to(dev)
     if warm_start is not None:
         try:
             model.load_state_dict({k: torch.as_tensor(v) for k, v in warm_start["state_dict"].items()})
         except Exception as e:  # noqa: BLE001
             raise LeaksegError(f"cannot warm-start from this state: {str(e).splitlines()[0][:200]}") from None
+    data = _training_data(model, x_np, scr, cfg, dev, fit_stats=warm_start is None)
+    x_full, scale, (h, w) = data.x_full, data.scale, data.hw
+    tgt_scr, scr_target, scr_idx = data.tgt_scr, data.scr_target, data.scr_idx
     model.train()
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
@@ -412,6 +563,8 @@ def iter_segment(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * 0.3
     ce = nn.CrossEntropyLoss()
+    mu_con = cfg.mu_con
+    scr_ce = nn.CrossEntropyLoss(weight=data.class_weights(q) if cfg.balance else None)
 
     min_iter = cfg.min_iter if warm_start is None else min(cfg.min_iter, 3)
     min_labels = cfg.min_labels
@@ -430,7 +583,7 @@ def iter_segment(
     total = cfg.max_iter
 
     def finish(reason):
-        labels, lut, counts = _predict_full(model, x_full, dev, cfg, K, class_ids, n_segments, classes_only,
+        labels, lut, counts = _predict_full(model, data, dev, cfg, K, class_ids, n_segments, classes_only,
                                             (Y, X))
         md = {
             "capability": "scribble",
@@ -453,17 +606,17 @@ def iter_segment(
     try:
         for it in range(1, cfg.max_iter + 1):
             opt.zero_grad(set_to_none=True)
-            out = model(x_train)  # (N, q, h, w)
+            out, scr_logits = data.forward(model)  # (N, q, h, w) grid response, scribbled pixels' logits
             logits = out.permute(0, 2, 3, 1).reshape(-1, q)
             target = logits.argmax(1).detach()
-            dy = (out[:, :, 1:, :] - out[:, :, :-1, :]).abs().mean()
-            dx = (out[:, :, :, 1:] - out[:, :, :, :-1]).abs().mean()
+            con = out if getattr(data, "crop_out", None) is None else data.crop_out
+            dy = (con[:, :, 1:, :] - con[:, :, :-1, :]).abs().mean()
+            dx = (con[:, :, :, 1:] - con[:, :, :, :-1]).abs().mean()
+            sim = logits if data.sim_idx is None else logits[data.sim_idx]
+            loss = cfg.mu_sim * ce(sim, target if data.sim_idx is None else target[data.sim_idx])
+            loss = loss + mu_con * (dy + dx)
             if tgt_scr is not None:
-                loss = (cfg.mu_sim * ce(logits[sim_idx], target[sim_idx])
-                        + cfg.mu_scr * ce(logits[scr_idx], scr_target)
-                        + cfg.mu_con * (dy + dx))
-            else:
-                loss = cfg.mu_sim * ce(logits, target) + cfg.mu_con * (dy + dx)
+                loss = loss + cfg.mu_scr * scr_ce(scr_logits, scr_target)
             loss.backward()
             opt.step()
 
@@ -471,7 +624,9 @@ def iter_segment(
             n_lab = int(torch.unique(target).numel())
             change = float((target != prev).float().mean()) if prev is not None else 1.0
             prev = target
-            acc = float((target[scr_idx] == scr_target).float().mean()) if tgt_scr is not None else 1.0
+            acc, worst = _scribble_agreement(scr_logits, scr_target)
+            if cfg.adapt_con and worst < cfg.scribble_acc:
+                mu_con *= cfg.adapt_con  # continuity only as strong as the scribbles allow
             elapsed = time.perf_counter() - t_start
             history.append({"iter": it, "t": elapsed, "loss": float(loss.detach()), "n_labels": n_lab,
                             "change": change, "scribble_acc": acc})
@@ -509,6 +664,15 @@ def iter_segment(
     except JobCancelled:
         stopped = "cancelled"
     return finish(stopped)
+
+
+def _scribble_agreement(scr_logits, scr_target) -> tuple[float, float]:
+    """(accuracy on all scribbled pixels, accuracy of the worst class); (1, 1) without scribbles."""
+    if scr_logits is None:
+        return 1.0, 1.0
+    hit = (scr_logits.argmax(1) == scr_target).float()
+    per = [float(hit[scr_target == c].mean()) for c in torch.unique(scr_target)]
+    return float(hit.mean()), min(per)
 
 
 def _add_coords(x: torch.Tensor, weight: float, offset=(0, 0), full=None) -> torch.Tensor:
@@ -571,13 +735,19 @@ def _forward_full(model, x_full, dev, tile: int = 512):
     return outs
 
 
-def _predict_full(model, x_full, dev, cfg: SegmentConfig, K, class_ids, n_segments, classes_only, YX):
+def _predict_full(model, data: _TrainData, dev, cfg: SegmentConfig, K, class_ids, n_segments, classes_only, YX):
     """Final labels at full resolution (post-processed, compact) + the channel→id LUT."""
+    x_full = data.x_full
     N = x_full.shape[0]
     q = cfg.q
     Y, X = YX
     paper = cfg.train_pixels is None and cfg.min_size is None
-    if paper:
+    if cfg.input == "filters":
+        _recalibrate_bn(model.head, data.grid)
+        with torch.no_grad():
+            resp = [model.head(data.f_full[i:i + 1])[0].cpu() for i in range(N)]
+        model.train()
+    elif paper:
         # the reference: the last training forward pass in train mode (batch statistics)
         model.train()
         with torch.no_grad():
@@ -658,7 +828,7 @@ def _compact_ids(lut: np.ndarray, labels: np.ndarray, K: int):
 
 def segment(image, scribbles=None, *, n_segments=None, max_iter=None, time_budget=None, seed=0,
             device="auto", warm_start=None, classes_only=False, callback: Optional[Callable] = None,
-            config="fast", **kw) -> SegmentResult:
+            config="auto", **kw) -> SegmentResult:
     """Run :func:`iter_segment` to the end and return its :class:`SegmentResult`.
 
     ``callback(progress)`` sees every ``Progress`` event; returning ``False``
@@ -703,5 +873,5 @@ def predictor_from_model(state_dict, metadata, device="auto"):
         return x
 
     return Predictor(fn=numpy_fn(model, dev), in_channels=arch["in_channels"], out_channels=arch["q"],
-                     finalize=finalize, output="labels", halo=2 * (arch["n_conv"] + 1), tile=512,
+                     finalize=finalize, output="labels", halo=_halo(arch), tile=512,
                      capability="scribble", metadata=metadata, preprocess=preprocess)

@@ -207,7 +207,7 @@ def test_save_load_predictor_roundtrip(tmp_path):
     from napari_leakseg.core.tiling import predict_tiled
 
     img, disc = blocks()
-    r = segment(img, strokes(), **FAST)
+    r = segment(img, strokes(), config="fast", **FAST)  # the raw-image CNN (filters: test_scribble_filters)
     p = store.save(r.state["state_dict"], tmp_path / "m.pt", r.state["metadata"])
     pred = load_predictor(p, device=DEVICE, capability="scribble")
     x = np.moveaxis(img, -1, 0)

@@ -32,8 +32,10 @@ def register(sub) -> None:
                    help="stop training after S seconds")
     p.add_argument("--classes-only", action="store_true",
                    help="give every pixel one of the scribbled classes (needs --scribbles)")
-    p.add_argument("--config", choices=("fast", "paper"), default="fast",
-                   help="'fast' (default, interactive) or 'paper' (the reference configuration; slow)")
+    p.add_argument("--config", choices=("auto", "filters", "fast", "paper"), default="auto",
+                   help="'auto' (default): 'filters' with scribbles, 'fast' without; 'filters': a per-pixel "
+                        "network on a multiscale filter bank; 'fast': a small CNN on the image itself; "
+                        "'paper': the reference configuration (slow)")
     p.add_argument("--stack", action="store_true",
                    help="treat a 3D input as a Z/T stack of 2D images (one shared model); default guesses")
     p.add_argument("--save-model", metavar="M", help="also save the trained model (.pt) for `leakseg apply` "

@@ -56,7 +56,7 @@ class ScribbleWidget(JobWidget):
         self.classes_only = self.add(CheckBox(value=False, text="classes only (every pixel gets a scribbled class)"))
         self.scope = self.add(ComboBox(choices=["current slice", "whole stack"], value="current slice",
                                        label="stack", tooltip="whole stack: one shared model, ids kept across slices"))
-        self.config = self.add(ComboBox(choices=["fast", "paper"], value="fast", label="configuration",
+        self.config = self.add(ComboBox(choices=["auto", "filters", "fast", "paper"], value="auto", label="configuration",
                                         tooltip="fast (interactive) or the paper's reference setting (slow)"))
         self.refine = self.add(CheckBox(value=True, text="refine: continue from the current model"))
         self.run_button = self.add_button("Run", self.run, "train on the image (and strokes) and segment it")

@@ -1,0 +1,133 @@
+"""A multiscale filter bank in torch (ilastik-style pixel features), on any device.
+
+For each input channel and each scale sigma it computes the Gaussian-smoothed
+intensity, the gradient magnitude, the Laplacian of Gaussian, the two Hessian
+eigenvalues and the two structure-tensor eigenvalues (derivatives
+scale-normalised by sigma), plus the raw channel: ``1 + 7 * len(sigmas)``
+features per channel. Large scales are computed on a downsampled copy and
+upsampled bilinearly, so the cost stays nearly flat in sigma.
+
+Plain torch; nothing here imports a capability module, napari or Qt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DEFAULT_SIGMAS", "FEATURES_PER_SCALE", "n_features", "gaussian_blur", "multiscale_features",
+           "standardize"]
+
+DEFAULT_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
+FEATURES_PER_SCALE = ("gaussian", "gradient", "log", "hessian_1", "hessian_2", "structure_1", "structure_2")
+
+
+def n_features(in_channels: int, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> int:
+    return int(in_channels) * (1 + len(FEATURES_PER_SCALE) * len(sigmas))
+
+
+def _kernel(sigma: float, size_limit: int, dtype, device) -> torch.Tensor:
+    r = max(1, min(int(math.ceil(3.0 * sigma)), size_limit))
+    t = torch.arange(-r, r + 1, dtype=dtype, device=device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+def _pad(x: torch.Tensor, py: int, px: int) -> torch.Tensor:
+    Y, X = x.shape[-2:]
+    mode = "reflect" if (py < Y and px < X) else "replicate"
+    return F.pad(x, (px, px, py, py), mode=mode)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (N, C, Y, X), reflect padding (replicate for tiny images)."""
+    if sigma <= 0:
+        return x
+    N, C, Y, X = x.shape
+    k = _kernel(sigma, max(Y, X) - 1, x.dtype, x.device)
+    r = (k.numel() - 1) // 2
+    ry, rx = min(r, Y - 1) if Y > 1 else 0, min(r, X - 1) if X > 1 else 0
+    ky = k[r - ry: r + ry + 1] / k[r - ry: r + ry + 1].sum()
+    kx = k[r - rx: r + rx + 1] / k[r - rx: r + rx + 1].sum()
+    z = x.reshape(N * C, 1, Y, X)
+    z = F.conv2d(_pad(z, ry, 0), ky.view(1, 1, -1, 1))
+    z = F.conv2d(_pad(z, 0, rx), kx.view(1, 1, 1, -1))
+    return z.reshape(N, C, Y, X)
+
+
+def _d(z: torch.Tensor, axis: int) -> torch.Tensor:
+    """Central difference along y (axis=-2) or x (axis=-1), replicate at the border."""
+    if axis == -2:
+        p = F.pad(z, (0, 0, 1, 1), mode="replicate")
+        return 0.5 * (p[..., 2:, :] - p[..., :-2, :])
+    p = F.pad(z, (1, 1, 0, 0), mode="replicate")
+    return 0.5 * (p[..., :, 2:] - p[..., :, :-2])
+
+
+def _eig2(a, b, c):
+    """Eigenvalues (larger, smaller) of the symmetric 2x2 [[a, b], [b, c]]."""
+    m = 0.5 * (a + c)
+    d = torch.sqrt(0.25 * (a - c) ** 2 + b * b + 1e-12)
+    return m + d, m - d
+
+
+def _scale_features(g: torch.Tensor, sigma: float, step: float) -> list[torch.Tensor]:
+    """The per-scale features of a smoothed image ``g`` (sampled every ``step`` pixels)."""
+    s = sigma / step  # sigma in the pixels of this (possibly downsampled) grid
+    gy, gx = _d(g, -2), _d(g, -1)
+    gyy, gxx, gxy = _d(gy, -2), _d(gx, -1), _d(gy, -1)
+    h1, h2 = _eig2(gyy, gxy, gxx)
+    integ = max(0.5, 0.5 * s)
+    txx = gaussian_blur(gx * gx, integ)
+    txy = gaussian_blur(gx * gy, integ)
+    tyy = gaussian_blur(gy * gy, integ)
+    t1, t2 = _eig2(tyy, txy, txx)
+    n1, n2 = s, s * s  # scale normalisation of first and second derivatives
+    return [g, torch.sqrt(gx * gx + gy * gy + 1e-12) * n1, (gxx + gyy) * n2, h1 * n2, h2 * n2,
+            torch.sqrt(t1.clamp_min(0)) * n1, torch.sqrt(t2.clamp_min(0)) * n1]
+
+
+@torch.no_grad()
+def multiscale_features(x: torch.Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS, kinds=None,
+                        raw: bool = True, downsample: bool = True) -> torch.Tensor:
+    """(N, C, Y, X) float → (N, C * (1 + 7 * len(sigmas)), Y, X) float features, same device.
+
+    Scales of 4 and more are computed on a grid downsampled by sigma / 2 (so each blur
+    is at most a few pixels wide there) and upsampled bilinearly to full resolution.
+    """
+    x = x.float()
+    N, C, Y, X = x.shape
+    sel = [FEATURES_PER_SCALE.index(k) for k in (kinds or FEATURES_PER_SCALE)]
+    out = [x] if raw else []
+    for sigma in sigmas:
+        step = max(1.0, min(sigma / 2.0, min(Y, X) / 16.0)) if downsample else 1.0
+        if step > 1.0:
+            h, w = max(2, int(round(Y / step))), max(2, int(round(X / step)))
+            step = 0.5 * (Y / h + X / w)
+            pre = math.sqrt(max(sigma ** 2 - (0.5 * step) ** 2, 0.0))  # blur before sampling
+            xs = F.interpolate(gaussian_blur(x, min(pre, 0.5 * sigma)), size=(h, w), mode="area")
+            rest = math.sqrt(max(sigma ** 2 - min(pre, 0.5 * sigma) ** 2, 0.0)) / step
+            g = gaussian_blur(xs, rest)
+            feats = _scale_features(g, sigma, step)
+            out += [F.interpolate(feats[i], size=(Y, X), mode="bilinear", align_corners=False) for i in sel]
+        else:
+            feats = _scale_features(gaussian_blur(x, sigma), sigma, 1.0)
+            out += [feats[i] for i in sel]
+    # order: channel-major within each feature kind is not needed; keep (kind, channel) blocks
+    return torch.cat(out, 1)
+
+
+def standardize(f: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Zero-mean unit-variance per feature channel over (N, Y, X); returns (features, (mean, std)).
+
+    Pass the ``stats`` of a training image to apply the same transform to another image.
+    """
+    if stats is None:
+        mean = f.mean(dim=(0, 2, 3), keepdim=True)
+        std = f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    else:
+        mean, std = (s.to(f.device, f.dtype) for s in stats)
+    return (f - mean) / std, (mean, std)

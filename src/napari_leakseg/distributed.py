@@ -135,7 +135,7 @@ def open_input(path, in_channels: int = 1) -> InputInfo:
     import dask.array as da
 
     from .core.io import _ext, imread
-    from .zarr_io import read_zarr_with_meta
+    from .core.zarr_io import read_zarr_with_meta
 
     path = Path(path)
     if not path.exists():
@@ -577,7 +577,7 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
     import dask
 
     from .core.device import resolve_device
-    from .zarr_io import check_store_path, create_level0, discard_stage, finish_store, stage_store
+    from .core.zarr_io import check_store_path, create_level0, discard_stage, finish_store, stage_store
 
     t0 = time.perf_counter()
     model_path, output_path = str(Path(model_path).resolve()), Path(output_path)

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from ..core.errors import InputError
-from ..zarr_io import PROVENANCE_KEY, default_axes, write_ome_zarr
+from ..core.zarr_io import PROVENANCE_KEY, default_axes, write_ome_zarr
 
 _MAX_COLORS = 4096
 

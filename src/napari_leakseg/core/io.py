@@ -42,7 +42,7 @@ def imread(path, lazy: bool = True, mmap: bool = False, prefer: str = "labels"):
     if ext not in READ_EXT:
         raise InputError(f"cannot read {path}: unsupported extension {ext!r} (use {', '.join(READ_EXT)})")
     if ext == ".zarr":
-        from ..zarr_io import read_zarr
+        from .zarr_io import read_zarr
 
         arr = read_zarr(path, prefer=prefer)
         if lazy:
@@ -110,7 +110,7 @@ def imwrite(path, data, overwrite: bool = False, kind: str = "labels", **zarr_kw
     path = check_output_path(path, overwrite)
     ext = _ext(path)
     if ext == ".zarr":
-        from ..zarr_io import write_ome_zarr
+        from .zarr_io import write_ome_zarr
 
         return write_ome_zarr(path, data, kind=kind, overwrite=overwrite, **zarr_kw)
     arr = np.asarray(data)

@@ -824,15 +824,17 @@ def ctc_folder_taken(folder) -> bool:
     return folder.exists() and any(folder.iterdir())
 
 
-def check_ctc_folder(folder, overwrite: bool = False) -> Path:
-    """A CTC results folder to write: refused when it holds files (unless ``overwrite``) or
-    when its parent folder is missing, not a folder or not writable (``core.io.check_target``)."""
-    from .core.io import check_target
+def check_ctc_folder(folder, overwrite: bool = False, inputs=()) -> Path:
+    """A CTC results folder to write: refused when it holds files (unless ``overwrite``), when it
+    is, holds or lies inside one of ``inputs``, or when its parent folder is missing, not a
+    folder or not writable (``core.paths.check_target``)."""
+    from .core.paths import check_target
 
     folder = Path(folder)
     if not overwrite and ctc_folder_taken(folder):
         raise LeaksegError(f"CTC folder {folder} exists and is not empty; choose another or pass --overwrite")
-    return check_target(folder, overwrite=True)  # an empty existing folder may be reused
+    # files are written into the folder (an empty existing one may be reused), never the folder replaced
+    return check_target(folder, overwrite=True, inputs=inputs, into_folder=True)
 
 
 def export_ctc(instances, folder, overwrite: bool = False) -> Path:

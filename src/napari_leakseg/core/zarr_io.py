@@ -38,10 +38,9 @@ import numpy as np
 
 from .. import __version__
 from .errors import InputError, OutputExistsError
+from .paths import PROVENANCE_KEY, check_store_files, check_target
 
 _AXIS_TYPES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
-#: our provenance key in the root group attributes
-PROVENANCE_KEY = "napari_leakseg"
 #: dataset path of full resolution (ome-zarr-py's convention)
 LEVEL0 = "s0"
 
@@ -106,16 +105,27 @@ def provenance_attrs(kind: str, provenance: Mapping[str, Any] | None = None) -> 
 # --------------------------------------------------------------------------- #
 # staging: temp dir + rename
 # --------------------------------------------------------------------------- #
-def check_store_path(path, overwrite: bool = False) -> Path:
-    """Refuse an existing output (unless ``overwrite``) or a missing/unwritable parent folder."""
-    from .io import check_target
+def check_store_path(path, overwrite: bool = False, inputs=()) -> Path:
+    """The output rule of :func:`core.paths.check_target`: refuse an existing output (unless
+    ``overwrite``, and then only a store we wrote), an output that is, holds or lies inside
+    one of ``inputs``, and a missing/unwritable parent folder."""
+    return check_target(path, overwrite, inputs)
 
-    return check_target(path, overwrite)
+
+def check_name(name, what: str = "name") -> str:
+    """A label/image name inside a store: one path component (no '/', '\\', '..', '.' or
+    hidden names), so it can never point outside the store."""
+    n = str(name)
+    if (not n or n in (".", "..") or "/" in n or "\\" in n or n.startswith(".") or "\0" in n
+            or len(n) > 200 or not n.isprintable()):
+        raise InputError(f"{what} {n!r} is not a valid name inside a store: use letters, digits, "
+                         "'-', '_' or '.' (no '/', '..', or leading '.')")
+    return n
 
 
-def stage_store(path, overwrite: bool = False) -> Path:
+def stage_store(path, overwrite: bool = False, inputs=()) -> Path:
     """Check ``path`` and return a fresh hidden temporary sibling to write into."""
-    path = check_store_path(path, overwrite)
+    path = check_store_path(path, overwrite, inputs)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if tmp.exists():  # pragma: no cover - uuid collision
         shutil.rmtree(tmp)
@@ -139,9 +149,19 @@ def commit_store(tmp, path, overwrite: bool = False) -> Path:
 
 
 def discard_stage(tmp) -> None:
+    """Delete a staging folder. A writer thread that was still finishing a chunk when the job
+    was interrupted may recreate folders right after: delete again until it stays gone."""
+    import time
+
     tmp = Path(tmp)
-    if tmp.exists():
+    for _ in range(20):
+        if not os.path.lexists(tmp):
+            time.sleep(0.05)
+            if not os.path.lexists(tmp):
+                return
         shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_symlink() or tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def default_chunks(shape: Sequence[int], yx: int = 512) -> tuple[int, ...]:
@@ -230,18 +250,87 @@ def write_metadata(tmp, *, kind: str = "labels", name: str | None = None,
     root.attrs[PROVENANCE_KEY] = provenance_attrs(kind, provenance)
 
 
-def _fill(z, arr) -> None:
-    """Write ``arr`` (numpy or dask) into zarr array ``z`` in chunk-aligned slabs (bounded memory)."""
+#: bytes of one slab written at a time by :func:`_fill` (bounded memory and dask graph)
+SLAB_BYTES = 64 * 2 ** 20
+#: most bytes one zarr chunk may hold (numcodecs' compressors take at most 2 GiB)
+MAX_CHUNK_BYTES = 2 ** 31 - 1
+
+
+def _slab_shape(shape, chunks, itemsize, budget=SLAB_BYTES) -> tuple[int, ...]:
+    """Chunk-aligned slab shape of at most ``budget`` bytes (at least one chunk): whole chunks,
+    grown along the last axes first."""
+    slab = [int(c) for c in chunks]
+    for ax in reversed(range(len(shape))):
+        nbytes = int(np.prod(slab, dtype=np.int64)) * itemsize
+        grow = max(1, budget // max(1, nbytes))
+        slab[ax] = int(min(shape[ax], slab[ax] * grow))
+        if slab[ax] < shape[ax]:
+            break
+    return tuple(slab)
+
+
+def _fill(z, arr, ids: set | None = None, pool_size: int | None = None) -> None:
+    """Write ``arr`` (numpy, memmap or dask) into zarr array ``z`` slab by slab: each slab is
+    whole chunks and at most :data:`SLAB_BYTES`, so memory and the dask graph stay bounded
+    for any size (a 200000² store streams). ``ids``: collects label values seen (a subsample
+    of each slab, at most 4096 values) for the label colours, in the same pass.
+
+    dask slabs run on a thread pool owned here: on an interrupt (Ctrl-C, SIGTERM) the pool
+    finishes its running chunk reads before the caller deletes the staging folder."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
     import dask.array as da
 
-    if isinstance(arr, da.Array):
-        da.store(arr.rechunk(z.chunks), z, lock=False)
-        return
-    c0 = z.chunks[0]
-    per = max(1, int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize)
-    step = max(c0, (64 * 2**20 // per) // c0 * c0)
-    for i in range(0, arr.shape[0], step):
-        z[i:i + step] = arr[i:i + step]
+    shape = tuple(int(s) for s in arr.shape)
+    slab = _slab_shape(shape, z.chunks, np.dtype(arr.dtype).itemsize)
+    grid = [range(0, n, s) for n, s in zip(shape, slab)]
+    lazy = isinstance(arr, da.Array)
+    with ThreadPoolExecutor(pool_size or max(1, min(8, os.cpu_count() or 1))) as pool:
+        for starts in itertools.product(*grid):
+            region = tuple(slice(a, min(a + s, n)) for a, s, n in zip(starts, slab, shape))
+            if lazy:
+                block = np.asarray(arr[region].compute(scheduler="threads", pool=pool))
+            else:
+                block = np.asarray(arr[region])
+            z[region] = block
+            if ids is not None and len(ids) < 4096 and block.dtype.kind in "iub":
+                flat = block.reshape(-1)
+                step = max(1, flat.size // 1_000_000)
+                ids.update(int(v) for v in np.unique(flat[::step])[:4096] if v > 0)
+
+
+def _colors_for(ids) -> list[dict]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i in sorted(ids)[:4096]:
+        rgba = [int(v) for v in rng.integers(40, 256, 3)] + [255]
+        out.append({"label-value": int(i), "rgba": rgba})
+    return out
+
+
+def check_chunks(chunks, shape, dtype) -> tuple[int, ...]:
+    """Chunk shape for an array of ``shape``: whole positive numbers, one per axis; larger than
+    the array along an axis means the whole axis; one chunk must stay under 2 GiB (the
+    compressor's limit) and fit in memory."""
+    from .memory import check_memory
+
+    shape = tuple(int(s) for s in shape)
+    try:
+        vals = [float(c) for c in chunks]
+    except (TypeError, ValueError):
+        raise InputError(f"chunks must be numbers, got {chunks!r}") from None
+    if len(vals) != len(shape):
+        raise InputError(f"chunks needs {len(shape)} values (one per axis of shape {shape}), got {len(vals)}")
+    if any(not np.isfinite(v) or v < 1 or v != int(v) for v in vals):
+        raise InputError(f"chunks must be whole numbers of at least 1, got {list(chunks)}")
+    out = tuple(int(min(int(v), max(1, n))) for v, n in zip(vals, shape))
+    nbytes = int(np.prod(out, dtype=object)) * np.dtype(dtype).itemsize
+    if nbytes > MAX_CHUNK_BYTES:
+        raise InputError(f"chunks {list(out)} would hold {nbytes / 2**30:.1f} GiB each; a chunk must stay "
+                         "under 2 GiB (e.g. 1,...,512,512)")
+    check_memory(3 * nbytes, f"writing zarr chunks of {list(out)}", hint="use smaller --chunks (e.g. 512,512)")
+    return out
 
 
 # --------------------------------------------------------------------------- #
@@ -284,6 +373,7 @@ def write_ome_zarr(
     n_levels: int = 1,
     extra_labels: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    inputs: Sequence[Any] = (),
 ) -> Path:
     """Write labels (or an image) as an OME-Zarr store; returns the final path.
 
@@ -295,7 +385,8 @@ def write_ome_zarr(
     ``"label-value"``). ``n_levels`` > 1 adds a 2× downsampled pyramid.
     ``extra_labels`` adds more label arrays under ``labels/``: ``{name: array}``
     or ``{name: (array, {"axes":..., "scale":..., "properties":..., "colors":...})}``
-    (e.g. a propagation's per-frame status map).
+    (e.g. a propagation's per-frame status map). ``inputs``: the files/stores the data was
+    read from; an output that is, holds or lies inside one of them is refused.
     """
     import dask.array as da
     import zarr
@@ -305,7 +396,11 @@ def write_ome_zarr(
     path = Path(path)
     if kind not in ("labels", "image"):
         raise ValueError("kind must be 'labels' or 'image'")
-    check_store_path(path, overwrite)
+    check_store_path(path, overwrite, inputs)
+    if name is not None:
+        check_name(name)
+    for xname in extra_labels or {}:
+        check_name(xname, "label name")
     arr = data if isinstance(data, da.Array) else (
         da.from_zarr(data) if isinstance(data, zarr.Array) else np.asarray(data))
     if any(int(s) == 0 for s in arr.shape):
@@ -322,14 +417,14 @@ def write_ome_zarr(
         raise InputError(f"scale must be positive, got {sc}")
     if translate is not None and len(translate) != arr.ndim:
         raise InputError(f"translate has {len(translate)} entries for data with {arr.ndim} dims")
-    chunks = tuple(chunks) if chunks is not None else default_chunks(arr.shape)
-    if isinstance(arr, da.Array):  # dask chunks must match zarr chunks (ome-zarr writes per block)
+    chunks = check_chunks(chunks, arr.shape, arr.dtype) if chunks is not None else default_chunks(arr.shape)
+    if isinstance(arr, da.Array) and int(n_levels) > 1:  # dask chunks must match zarr chunks (ome-zarr writes per block)
         arr = arr.rechunk(chunks)
     fmt = FormatV04()
     factors = [2 ** i for i in range(1, int(n_levels))]
     scale_d = {a: s for a, s in zip(ax, sc)}
     storage = {"chunks": tuple(chunks)}
-    tmp = stage_store(path, overwrite)
+    tmp = stage_store(path, overwrite, inputs)
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         if int(n_levels) <= 1:
@@ -338,9 +433,10 @@ def write_ome_zarr(
             # let ome-zarr-py write the NGFF metadata
             lname = name or ("labels" if kind == "labels" else "image")
             z = create_level0(tmp, arr.shape, arr.dtype, kind=kind, name=lname, chunks=chunks)
-            _fill(z, arr)
-            if kind == "labels" and colors is None:
-                colors = _label_colors(arr)
+            ids = set() if (kind == "labels" and colors is None) else None
+            _fill(z, arr, ids)
+            if ids is not None:
+                colors = _colors_for(ids)
             write_metadata(tmp, kind=kind, name=lname, axes=ax, scale=sc, translate=translate,
                            provenance=provenance, colors=colors, properties=properties)
         elif kind == "image":
@@ -383,6 +479,38 @@ def write_ome_zarr(
 # --------------------------------------------------------------------------- #
 # reading
 # --------------------------------------------------------------------------- #
+class _GuardedArray:
+    """A zarr array whose chunk reads turn codec failures (corrupt or truncated chunk bytes:
+    "blosc decompression: -1", zstd errors, wrong sizes) into an :class:`InputError` naming
+    the store. Read through dask like the array itself (pickles with it to dask workers)."""
+
+    def __init__(self, z, where: str):
+        self.z, self.where = z, where
+        self.shape, self.dtype, self.ndim, self.chunks = z.shape, z.dtype, z.ndim, z.chunks
+
+    def __getitem__(self, key):
+        try:
+            return self.z[key]
+        except (OSError, MemoryError, InputError):
+            raise
+        except Exception as e:
+            msg = " ".join(str(e).split())[:160] or type(e).__name__
+            raise InputError(f"{self.where}: a data chunk of array {self.z.path or '/'} cannot be decoded "
+                             f"(corrupt or truncated file?): {msg}") from None
+
+
+def lazy_array(z, where=None):
+    """``dask.array.from_zarr`` with corrupt chunks reported as one clear :class:`InputError`."""
+    import dask.array as da
+    from dask.base import tokenize
+
+    where = str(where or getattr(z.store, "root", "") or "zarr store")
+    name = "leakseg-zarr-" + tokenize(where, z.path, z.shape, str(z.dtype), z.chunks, z.metadata.to_dict()
+                                      if hasattr(z.metadata, "to_dict") else None)
+    return da.from_array(_GuardedArray(z, where), chunks=z.chunks, name=name, lock=False,
+                         asarray=True, fancy=False, meta=np.empty((0,) * z.ndim, z.dtype))
+
+
 def _attrs(group) -> dict:
     """NGFF attributes of a group (0.4: top level; 0.5 / zarr v3: under "ome")."""
     a = dict(group.attrs)
@@ -393,7 +521,7 @@ def _attrs(group) -> dict:
     return a
 
 
-def _open_multiscale(group, multiscale: bool = False) -> tuple[Any, dict]:
+def _open_multiscale(group, multiscale: bool = False, where=None) -> tuple[Any, dict]:
     import dask.array as da
 
     attrs = _attrs(group)
@@ -401,7 +529,7 @@ def _open_multiscale(group, multiscale: bool = False) -> tuple[Any, dict]:
     if not ms:
         raise InputError("no OME-Zarr multiscales found")
     ds = ms[0]["datasets"]
-    levels = [da.from_zarr(group[d["path"]]) for d in (ds if multiscale else ds[:1])]
+    levels = [lazy_array(group[d["path"]], where) for d in (ds if multiscale else ds[:1])]
     axes = [a["name"] if isinstance(a, dict) else a for a in ms[0].get("axes", [])]
     scale = translate = None
     for t in list(ms[0].get("coordinateTransformations", [])) + list(ds[0].get("coordinateTransformations", [])):
@@ -462,6 +590,7 @@ def open_ome_zarr(path, multiscale: bool = False) -> list[tuple[Any, dict, str]]
     path = Path(path)
     if not path.exists():
         raise InputError(f"zarr store {path} does not exist")
+    check_store_files(path)  # a FIFO posing as metadata would block the reader forever
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as e:
@@ -469,13 +598,13 @@ def open_ome_zarr(path, multiscale: bool = False) -> list[tuple[Any, dict, str]]
                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     stem = path.name.split(".")[0] or path.name
     if isinstance(node, zarr.Array):
-        return [(da.from_zarr(node), {"name": stem, "metadata": {}}, "image")]
+        return [(lazy_array(node, path), {"name": stem, "metadata": {}}, "image")]
     out = []
     try:
         attrs = _attrs(node)
         prov = attrs.get(PROVENANCE_KEY, {})
         if "multiscales" in attrs:
-            arr, m = _open_multiscale(node, multiscale)
+            arr, m = _open_multiscale(node, multiscale, path)
             if "image-label" in attrs:
                 out.append((arr, _layer_meta(m, "labels", stem, prov, attrs["image-label"]), "labels"))
             else:
@@ -484,7 +613,7 @@ def open_ome_zarr(path, multiscale: bool = False) -> list[tuple[Any, dict, str]]
             lattrs = _attrs(node["labels"])
             for lname in lattrs.get("labels", []):
                 g = node["labels"][lname]
-                arr, m = _open_multiscale(g, multiscale)
+                arr, m = _open_multiscale(g, multiscale, path)
                 m["name"] = m["name"] or lname
                 out.append((arr, _layer_meta(m, "labels", stem, prov,
                                              _attrs(g).get("image-label", {})), "labels"))
@@ -496,7 +625,7 @@ def open_ome_zarr(path, multiscale: bool = False) -> list[tuple[Any, dict, str]]
     if not out:
         # a plain group: take its first array
         for key in node.array_keys():
-            return [(da.from_zarr(node[key]), {"name": key, "metadata": {}}, "image")]
+            return [(lazy_array(node[key], path), {"name": key, "metadata": {}}, "image")]
         raise InputError(f"{path} holds no image or label arrays")
     return out
 

@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .core.errors import InputError, JobCancelled, LeaksegError, MemoryEstimateError
+from .core.errors import InputError, JobCancelled, LeaksegError, MemoryEstimateError, ModelFileError
 from .core.jobs import Progress, run_job
 from .core.tiling import predict_tiled, tile_starts
 
@@ -107,7 +107,10 @@ def _load(model_path: str, device: str, factory: str, torch_threads: Optional[in
 
             sd, meta = store.load(model_path)
             mod, fn = factory.split(":")
-            pred = getattr(importlib.import_module(mod), fn)(sd, meta, device=device)
+            try:
+                pred = getattr(importlib.import_module(mod), fn)(sd, meta, device=device)
+            except ModelFileError as e:
+                raise ModelFileError(f"{model_path}: {e}") from None
             _CACHE.clear()  # one model per process
             _CACHE[key] = pred
     return pred
@@ -583,7 +586,8 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
     model_path, output_path = str(Path(model_path).resolve()), Path(output_path)
     if scheduler not in (None, "local") and not isinstance(scheduler, str) and not _is_client(scheduler):
         raise InputError(f"scheduler must be None, 'local', an address or a distributed.Client, got {scheduler!r}")
-    check_store_path(output_path, overwrite)            # fail fast, before any work
+    inputs = [model_path] + ([input_path] if isinstance(input_path, (str, os.PathLike)) else [])
+    check_store_path(output_path, overwrite, inputs)    # fail fast, before any work
     if str(device) != "cpu":
         resolve_device(device)                          # clear error for a missing GPU
     factory = _factory_for(model_path)
@@ -602,7 +606,7 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
     out_name = name or (pred.capability or "output")
 
     client = cluster = None
-    tmp = stage_store(output_path, overwrite)
+    tmp = stage_store(output_path, overwrite, inputs)
     try:
         zarr_arr = create_level0(tmp, plan.out_shape, plan.out_dtype,
                                  kind=pred.output if pred.output in ("labels", "image") else "image",

@@ -42,6 +42,7 @@ from torch import nn
 from .core.device import resolve_device, seed_everything
 from .core.errors import InputError, JobCancelled, LeaksegError
 from .core.jobs import Progress, Throttle, run_job
+from .core.modelcheck import ModelSpec, Param, build_model as checked_model, unet_activation
 from .core.normalize import check_image, normalize, percentile_range
 from .core.predictor import Predictor
 from .core.tiling import iter_tiled
@@ -540,21 +541,26 @@ class RestoreModel:
         from .core import store
 
         sd, meta = store.load(path, capability=CAPABILITY)
-        return cls(_build(sd, meta, device), meta)
+        return cls(_build(sd, meta, device, path), meta)
 
     def restore(self, image, **kw) -> np.ndarray:
         return restore_image(self, image, **kw)
 
 
-def _build(sd, meta, device) -> RestoreNet:
-    from .core.errors import ModelFileError
+#: what a saved restore model must look like (checked by ``core.modelcheck.build_model``)
+MODEL_SPEC = ModelSpec(
+    CAPABILITY,
+    arch={"base": Param("int", 1, 512), "depth": Param("int", 1, 8),
+          "norm": Param("str", choices=("batch", "group", "instance", "none")), "residual": Param("bool")},
+    defaults={"base": 16, "depth": 3, "norm": "batch", "residual": True},
+    build=lambda a: RestoreNet(**a),
+    activation=lambda a: unet_activation(a["base"], a["depth"], 1))
 
-    try:
-        net = RestoreNet(**meta.get("arch", {}))
-        net.load_state_dict(sd)
-    except Exception as e:
-        raise ModelFileError(f"restore model weights do not match its architecture: {str(e)[:200]}") from None
-    return net.to(resolve_device(device)).eval()
+
+def _build(sd, meta, device, source="restore model") -> RestoreNet:
+    """The network of a saved restore model after the shared validation step."""
+    net, _ = checked_model(MODEL_SPEC, sd, meta, source, resolve_device(device))
+    return net
 
 
 # --------------------------------------------------------------------------- training

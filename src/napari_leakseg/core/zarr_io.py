@@ -598,7 +598,7 @@ def open_ome_zarr(path, multiscale: bool = False) -> list[tuple[Any, dict, str]]
                          f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
     stem = path.name.split(".")[0] or path.name
     if isinstance(node, zarr.Array):
-        return [(lazy_array(node, path), {"name": stem, "metadata": {}}, "image")]
+        return [(lazy_array(node, path), {"name": stem, "metadata": {"source_path": str(path)}}, "image")]
     out = []
     try:
         attrs = _attrs(node)
@@ -625,8 +625,11 @@ def open_ome_zarr(path, multiscale: bool = False) -> list[tuple[Any, dict, str]]
     if not out:
         # a plain group: take its first array
         for key in node.array_keys():
-            return [(lazy_array(node[key], path), {"name": key, "metadata": {}}, "image")]
+            return [(lazy_array(node[key], path), {"name": key, "metadata": {"source_path": str(path)}},
+                     "image")]
         raise InputError(f"{path} holds no image or label arrays")
+    for _, meta, _ in out:  # exports from these layers must never write over/into/around the store
+        meta["metadata"]["source_path"] = str(path)
     return out
 
 

@@ -727,6 +727,8 @@ class MembranePredictor:
         if self.n_refs < 1:
             raise InputError("n_refs must be at least 1")
         self.feedback_iters = (1 if self.model.feedback else 0) if feedback_iters is None else int(feedback_iters)
+        if self.feedback_iters < 0:
+            raise InputError(f"feedback iterations must be 0 or more, got {self.feedback_iters}")
         if self.feedback_iters > 0 and not self.model.feedback:
             raise InputError("this model was trained without feedback; set feedback iterations to 0")
         self.tile = int(tile)

@@ -45,7 +45,7 @@ from .core.jobs import Progress, Throttle, run_job
 from .core.modelcheck import ModelSpec, Param, build_model as checked_model, unet_activation
 from .core.normalize import check_image, normalize, percentile_range
 from .core.predictor import Predictor
-from .core.tiling import iter_tiled
+from .core.tiling import check_tile, iter_tiled
 from .core.unet import UNet, numpy_fn
 
 LOSSES = ("ssim", "mse", "l1")
@@ -875,6 +875,10 @@ def _get_model(model, device) -> RestoreModel:
     return RestoreModel.load(model, device=device)
 
 
+#: smallest tile restoration accepts (the U-Net pads to multiples of 2**depth by reflection)
+MIN_TILE = 32
+
+
 def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
                  exclude_bar: bool = True):
     """Restore one 2D image (numpy, zarr or dask; gray or RGB); a job generator.
@@ -885,6 +889,7 @@ def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto"
     Returns float32 (Y, X) in the normalised intensity scale of the training
     target (≈ [0, 1]).
     """
+    check_tile(tile, overlap, MIN_TILE)
     rm = _get_model(model, device)
     net = rm.net
     dev = next(net.parameters()).device
@@ -920,6 +925,7 @@ def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto"
 def restore_image(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
                   callback=None) -> np.ndarray:
     """Restore a 2D image or a stack (N, Y, X); see :func:`iter_restore`."""
+    check_tile(tile, overlap, MIN_TILE)
     rm = _get_model(model, device)
     a = image
     if getattr(a, "ndim", np.ndim(a)) == 3 and a.shape[-1] not in (3, 4):

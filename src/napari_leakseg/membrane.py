@@ -704,7 +704,7 @@ def load_model(path_or_state, metadata: Optional[dict] = None) -> TrainedMembran
     else:
         if not isinstance(path_or_state, dict):
             raise ModelFileError("membrane model weights must be a dict of tensors")
-        sd, meta, source = dict(path_or_state), metadata, "membrane model"
+        sd, meta, source = dict(path_or_state), metadata, None
     model, _ = checked_model(MODEL_SPEC, sd, meta, source)  # types, keys, size, weights
     return TrainedMembrane(model, dict(meta), ReferenceBank.from_state(sd))
 

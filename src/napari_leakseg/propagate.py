@@ -937,7 +937,7 @@ def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
     ``finalize`` takes the argmax.
     """
     dev = resolve_device(device)
-    model, arch = checked_model(MODEL_SPEC, state_dict, metadata, "propagate model", dev)  # one validation step
+    model, arch = checked_model(MODEL_SPEC, state_dict, metadata, None, dev)  # one validation step
     f = int(metadata.get("downsample", (metadata.get("train") or {}).get("downsample", 1)))
     mult = model.multiple * f
 

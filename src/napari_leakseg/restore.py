@@ -557,7 +557,7 @@ MODEL_SPEC = ModelSpec(
     activation=lambda a: unet_activation(a["base"], a["depth"], 1))
 
 
-def _build(sd, meta, device, source="restore model") -> RestoreNet:
+def _build(sd, meta, device, source=None) -> RestoreNet:
     """The network of a saved restore model after the shared validation step."""
     net, _ = checked_model(MODEL_SPEC, sd, meta, source, resolve_device(device))
     return net

@@ -709,7 +709,7 @@ def predictor_from_model(state_dict, metadata, device="auto"):
     dev = resolve_device(device)
     # one validation step (types, known keys, size, weights): BatchNorm statistics were frozen
     # to the training image before saving; eval mode uses them
-    model, arch = checked_model(MODEL_SPEC, state_dict, metadata, "scribble model", dev)
+    model, arch = checked_model(MODEL_SPEC, state_dict, metadata, None, dev)
     if ((metadata.get("train") or {}).get("config") or {}).get("coords", 0):
         raise LeaksegError("this scribble model uses position channels (coords > 0); it can only be applied "
                            "to the whole image it was trained on, not tile by tile")

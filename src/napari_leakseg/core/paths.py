@@ -157,7 +157,7 @@ def _check_replaceable(path: Path) -> None:
     if path.is_dir():
         if not is_our_store(path):
             raise OutputExistsError(
-                f"output {path} is a folder that napari-leakseg did not write; --overwrite replaces "
+                f"output {path} is a folder with files napari-leakseg did not write; --overwrite replaces "
                 "only files and stores it wrote, never a folder of other files: choose another name")
     elif not path.is_file():  # pragma: no cover - unknown file type
         raise OutputExistsError(f"output {path} is not a regular file; it is never replaced")

@@ -65,9 +65,18 @@ __all__ = [
 DEFAULT_BLOCK = 2048
 DEFAULT_CHUNK = 512
 #: seconds to wait for a scheduler address before giving up
-DEFAULT_CONNECT_TIMEOUT = float(os.environ.get("LEAKSEG_CONNECT_TIMEOUT", "5"))
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment; the default when unset or unusable."""
+    try:
+        v = float(os.environ.get(name, default))
+    except ValueError:
+        return float(default)
+    return v if math.isfinite(v) and v > 0 else float(default)
+
+
+DEFAULT_CONNECT_TIMEOUT = _env_seconds("LEAKSEG_CONNECT_TIMEOUT", 5.0)
 #: seconds a cluster may go without finishing any block before the run is abandoned
-DEFAULT_BLOCK_TIMEOUT = float(os.environ.get("LEAKSEG_BLOCK_TIMEOUT", "3600"))
+DEFAULT_BLOCK_TIMEOUT = _env_seconds("LEAKSEG_BLOCK_TIMEOUT", 3600.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -700,18 +709,22 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
                 done = min(total, i + nthreads)
                 yield Progress(done, total, f"block {done}/{total}")
         else:
-            from distributed import wait as _wait
+            from distributed import as_completed
 
             futures = client.compute(parts)
-            pending = list(futures)
+            ac = as_completed(futures, loop=client.loop)
+            last = time.monotonic()
             try:
-                while pending:  # every wait is bounded: a stuck cluster is reported, not waited on forever
-                    try:
-                        finished, left = _wait(pending, timeout=block_timeout, return_when="FIRST_COMPLETED")
-                    except TimeoutError:
-                        raise LeaksegError(
-                            f"no block finished within {block_timeout:g} s ($LEAKSEG_BLOCK_TIMEOUT); the dask "
-                            "cluster seems stuck (workers gone or overloaded); no output was written") from None
+                while not ac.is_empty():  # every wait is bounded: a stuck cluster is reported
+                    finished = ac.next_batch(block=False)
+                    if not finished:
+                        if time.monotonic() - last > block_timeout:
+                            raise LeaksegError(
+                                f"no block finished within {block_timeout:g} s ($LEAKSEG_BLOCK_TIMEOUT); the "
+                                "dask cluster seems stuck (workers gone or overloaded); no output was written")
+                        time.sleep(0.05)
+                        continue
+                    last = time.monotonic()
                     for fut in finished:
                         try:
                             fut.result(timeout=block_timeout)
@@ -719,7 +732,6 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
                             raise _worker_error(e) from None
                         done += 1
                         yield Progress(done, total, f"block {done}/{total}")
-                    pending = list(left)
             finally:
                 client.cancel(futures)
         prov = {"capability": pred.capability, "operation": "leakseg apply",
@@ -793,7 +805,10 @@ def apply_model(model_path, input_path, output_path, *, scheduler=None, n_worker
     ``allowed_failures`` (retries of a block whose worker died, default 2),
     ``memory_limit`` ("auto": refuse runs the memory estimate says will not fit),
     ``torch_threads`` (torch threads per worker process; default 1 on a LocalCluster
-    of processes, unchanged elsewhere).
+    of processes, unchanged elsewhere), ``block_timeout`` (s without any finished block
+    before a cluster run is abandoned; default 3600 or $LEAKSEG_BLOCK_TIMEOUT).
+    ``connect_timeout`` is one deadline for the whole connection (TCP, dask handshake,
+    client start).
 
     Bit-identity with :func:`predict_array` holds when both run with the same
     number of torch threads (oneDNN's convolution results can differ in the last

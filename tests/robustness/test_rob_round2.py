@@ -604,3 +604,40 @@ def test_core_imports_no_capability_module():
     import napari_leakseg.zarr_io as alias
 
     assert alias is impl
+
+
+_STUCK = threading.Event()
+
+
+def stuck_predictor_from_model(sd, meta, device="cpu"):
+    """A restore predictor whose tiles hang (until the test releases them): a stuck cluster."""
+    from napari_leakseg.restore import predictor_from_model
+
+    pred = predictor_from_model(sd, meta, device)
+    fn = pred.fn
+
+    def slow(tile):
+        _STUCK.wait(60)
+        return fn(tile)
+
+    pred.fn = slow
+    return pred
+
+
+def test_stuck_cluster_is_reported_after_the_block_timeout(ws, tmp_path, monkeypatch):
+    from napari_leakseg.core import predictor as P
+    from napari_leakseg.core.errors import LeaksegError
+    from napari_leakseg.distributed import apply_model
+
+    monkeypatch.setitem(P.PREDICTOR_FACTORIES, "restore", f"{__name__}:stuck_predictor_from_model")
+    _STUCK.clear()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(LeaksegError, match="no block finished within 2 s"):
+            apply_model(ws.m["restore"], ws.root / "lo.tif", tmp_path / "o.zarr", scheduler="local",
+                        processes=False, n_workers=1, block_timeout=2)
+    finally:
+        _STUCK.set()
+    assert time.perf_counter() - t0 < 90
+    assert not list(tmp_path.iterdir())
+    record(SUITE, "apply", "stuck_cluster", "refused: no block finished within 2 s")

@@ -444,6 +444,15 @@ def test_pickled_model_message_is_safe(ws, tmp_path):
                                                      "--out", tmp_path / "o.tif", "-q"], "not a safe model file")
     assert "weights_only" not in line and "weights only" not in line.lower()
     assert not (tmp_path / "PWNED").exists()
+    import pickle
+
+    raw = tmp_path / "raw4.pt"  # a plain protocol-4 pickle: torch also warns about the protocol
+    with open(raw, "wb") as f:
+        pickle.dump({"x": Evil()}, f, protocol=4)
+    line = refused("restore apply", "raw_pickle_protocol4", ["restore", "apply", "--model", raw, ws.root / "lo.tif",
+                                                            "--out", tmp_path / "o.tif", "-q"], "not a safe model file")
+    assert "weights_only" not in line
+    assert not (tmp_path / "PWNED").exists()
 
 
 # --------------------------------------------------------------------------- options

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,7 +91,9 @@ def load(path, capability: str | None = None, map_location="cpu") -> tuple[dict,
         raise ModelFileError(f"model path {path} is a directory, not a model file")
     check_input_file(path, "model file", ModelFileError)  # a FIFO/device would block torch.load
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line only in the CLI
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, or a pickle with disallowed globals
         raise ModelFileError(_load_error(path, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
@@ -122,17 +125,18 @@ def _load_error(path, e: BaseException) -> str:
     """One line for a file ``torch.load(weights_only=True)`` refused. Never repeats torch's advice
     to retry with ``weights_only=False``: that would run whatever code the file holds."""
     import pickle
+    import re
 
     text = " ".join(str(e).split())
-    if isinstance(e, pickle.UnpicklingError) and ("weights only" in text.lower() or "weights_only" in text):
-        return (f"{path} is not a safe model file: it holds Python objects other than weights and "
-                "metadata, which napari-leakseg never loads (they could run code)")
-    if "weights_only" in text or "weights only" in text.lower():
+    weights_only = "weights only" in text.lower() or "weights_only" in text
+    if isinstance(e, pickle.UnpicklingError) and weights_only:
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        if m:
+            return (f"{path} is not a safe model file: it refers to Python code ({m.group(1)}), which "
+                    "napari-leakseg never loads; nothing in it was run")
+        return (f"{path} is not a valid napari-leakseg model file (corrupt, or not a safe model file: a pickle "
+                "of other objects); nothing in it was run")
+    if weights_only:
         text = ""  # torch's hints about weights_only are unsafe advice
     first = text[:200] or type(e).__name__
     return f"{path} is not a valid napari-leakseg model file (corrupt or truncated): {first}"
-
-
-def read_metadata(path) -> dict:
-    """Only the metadata (still a safe load)."""
-    return load(path)[1]

@@ -131,7 +131,8 @@ def run_predict(args) -> int:
     if (args.ref_images is None) != (args.ref_labels is None):
         raise InputError("give both --ref-images and --ref-labels (or neither to use the model's saved references)")
     imgs = _expand(args.images, "image")
-    inputs = imgs + [args.model] + list(args.ref_images or []) + list(args.ref_labels or [])
+    inputs = imgs + [args.model] + _expand(args.ref_images, "reference image") + \
+        _expand(args.ref_labels, "reference labels")  # files (folders expanded), as for the images
     outs = []
     out = Path(args.out)
     if len(imgs) > 1:

@@ -140,3 +140,8 @@ def _load_error(path, e: BaseException) -> str:
         text = ""  # torch's hints about weights_only are unsafe advice
     first = text[:200] or type(e).__name__
     return f"{path} is not a valid napari-leakseg model file (corrupt or truncated): {first}"
+
+
+def read_metadata(path) -> dict:
+    """Only the metadata (still a safe load)."""
+    return load(path)[1]

@@ -48,8 +48,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .core.errors import InputError, JobCancelled, LeaksegError, MemoryEstimateError
-from .core.jobs import Progress, run_job
+from .core.errors import InputError, JobCancelled, LeaksegError, MemoryEstimateError, ModelFileError
+from .core.jobs import DeadlineExceeded, Progress, call_with_deadline, check_timeout, run_job
 from .core.tiling import predict_tiled, tile_starts
 
 __all__ = [
@@ -65,7 +65,18 @@ __all__ = [
 DEFAULT_BLOCK = 2048
 DEFAULT_CHUNK = 512
 #: seconds to wait for a scheduler address before giving up
-DEFAULT_CONNECT_TIMEOUT = float(os.environ.get("LEAKSEG_CONNECT_TIMEOUT", "5"))
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment; the default when unset or unusable."""
+    try:
+        v = float(os.environ.get(name, default))
+    except ValueError:
+        return float(default)
+    return v if math.isfinite(v) and v > 0 else float(default)
+
+
+DEFAULT_CONNECT_TIMEOUT = _env_seconds("LEAKSEG_CONNECT_TIMEOUT", 5.0)
+#: seconds a cluster may go without finishing any block before the run is abandoned
+DEFAULT_BLOCK_TIMEOUT = _env_seconds("LEAKSEG_BLOCK_TIMEOUT", 3600.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -107,7 +118,10 @@ def _load(model_path: str, device: str, factory: str, torch_threads: Optional[in
 
             sd, meta = store.load(model_path)
             mod, fn = factory.split(":")
-            pred = getattr(importlib.import_module(mod), fn)(sd, meta, device=device)
+            try:
+                pred = getattr(importlib.import_module(mod), fn)(sd, meta, device=device)
+            except ModelFileError as e:
+                raise ModelFileError(f"{model_path}: {e}") from None
             _CACHE.clear()  # one model per process
             _CACHE[key] = pred
     return pred
@@ -135,7 +149,7 @@ def open_input(path, in_channels: int = 1) -> InputInfo:
     import dask.array as da
 
     from .core.io import _ext, imread
-    from .zarr_io import read_zarr_with_meta
+    from .core.zarr_io import read_zarr_with_meta
 
     path = Path(path)
     if not path.exists():
@@ -494,10 +508,17 @@ def _connect(scheduler, n_workers: int, threads_per_worker: int, processes: bool
             client = Client(cluster, set_as_default=False)
         return client, cluster
     addr = str(scheduler)
+    deadline = time.monotonic() + connect_timeout  # one total deadline: TCP, handshake, client
     _probe_tcp(addr, connect_timeout)
+    _handshake(addr, max(0.1, deadline - time.monotonic()), connect_timeout)
     err = None
+    left = max(0.5, deadline - time.monotonic())
     try:
-        client = Client(addr, timeout=f"{connect_timeout}s", set_as_default=False)
+        client = call_with_deadline(lambda: Client(addr, timeout=f"{left}s", set_as_default=False), left + 1.0,
+                                    "leakseg-dask-connect")
+    except DeadlineExceeded:
+        err = (f"the dask scheduler at {addr} did not finish the connection within {connect_timeout:g} s "
+               "(--connect-timeout); check that it is a running dask scheduler")
     except (OSError, TimeoutError, ValueError) as e:
         err = (f"cannot reach the dask scheduler at {addr} within {connect_timeout:g} s "
                f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); "
@@ -509,6 +530,40 @@ def _connect(scheduler, n_workers: int, threads_per_worker: int, processes: bool
         _quiet_gc()  # a half-built Client complains from __del__; keep stderr to one line
         raise LeaksegError(err)
     return client, None
+
+
+def _handshake(addr: str, timeout: float, shown: Optional[float] = None) -> None:
+    """Ask the peer at ``addr`` who it is (dask's "identity" call) under a total deadline: a
+    server that accepts the connection and never answers (or answers something else) is
+    refused in ``timeout`` seconds instead of hanging the client forever."""
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def ask():
+        comm = await connect(addr, timeout=timeout)
+        try:
+            await comm.write({"op": "identity"})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    def run():
+        return asyncio.run(asyncio.wait_for(ask(), timeout))
+
+    try:
+        reply = call_with_deadline(run, timeout + 1.0, "leakseg-dask-handshake")
+    except (DeadlineExceeded, asyncio.TimeoutError, TimeoutError):
+        raise LeaksegError(f"the server at {addr} accepted the connection but did not answer as a dask "
+                           f"scheduler within {shown or timeout:g} s (--connect-timeout); check the address") from None
+    except (OSError, ValueError, TypeError) as e:
+        raise LeaksegError(f"cannot connect to the dask scheduler at {addr}: "
+                           f"{' '.join(str(e).split())[:160] or type(e).__name__}") from None
+    except Exception as e:  # a peer speaking another protocol: garbage frames
+        raise LeaksegError(f"the server at {addr} is not a dask scheduler "
+                           f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        raise LeaksegError(f"the server at {addr} is not a dask scheduler (it answered {str(reply)[:80]!r})")
 
 
 def _probe_tcp(addr: str, timeout: float) -> None:
@@ -571,19 +626,22 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
                chunk: int = DEFAULT_CHUNK, threads_per_worker: int = 1, processes: bool = True,
                connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, allowed_failures: int = 2,
                name: Optional[str] = None, memory_limit: Optional[float] = "auto",
-               torch_threads: Optional[int] = None, _fault=None):
+               torch_threads: Optional[int] = None, block_timeout: float = DEFAULT_BLOCK_TIMEOUT, _fault=None):
     """Job generator behind :func:`apply_model`; yields one :class:`Progress` per block
     and returns the output path. Cancelling removes the partial output."""
     import dask
 
     from .core.device import resolve_device
-    from .zarr_io import check_store_path, create_level0, discard_stage, finish_store, stage_store
+    from .core.zarr_io import check_store_path, create_level0, discard_stage, finish_store, stage_store
 
     t0 = time.perf_counter()
+    connect_timeout = check_timeout(connect_timeout, "connect timeout (--connect-timeout)")
+    block_timeout = check_timeout(block_timeout, "block timeout")
     model_path, output_path = str(Path(model_path).resolve()), Path(output_path)
     if scheduler not in (None, "local") and not isinstance(scheduler, str) and not _is_client(scheduler):
         raise InputError(f"scheduler must be None, 'local', an address or a distributed.Client, got {scheduler!r}")
-    check_store_path(output_path, overwrite)            # fail fast, before any work
+    inputs = [model_path] + ([input_path] if isinstance(input_path, (str, os.PathLike)) else [])
+    check_store_path(output_path, overwrite, inputs)    # fail fast, before any work
     if str(device) != "cpu":
         resolve_device(device)                          # clear error for a missing GPU
     factory = _factory_for(model_path)
@@ -602,7 +660,7 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
     out_name = name or (pred.capability or "output")
 
     client = cluster = None
-    tmp = stage_store(output_path, overwrite)
+    tmp = stage_store(output_path, overwrite, inputs)
     try:
         zarr_arr = create_level0(tmp, plan.out_shape, plan.out_dtype,
                                  kind=pred.output if pred.output in ("labels", "image") else "image",
@@ -654,14 +712,26 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
             from distributed import as_completed
 
             futures = client.compute(parts)
+            ac = as_completed(futures, loop=client.loop)
+            last = time.monotonic()
             try:
-                for fut in as_completed(futures, loop=client.loop):
-                    try:
-                        fut.result()
-                    except Exception as e:
-                        raise _worker_error(e) from None
-                    done += 1
-                    yield Progress(done, total, f"block {done}/{total}")
+                while not ac.is_empty():  # every wait is bounded: a stuck cluster is reported
+                    finished = ac.next_batch(block=False)
+                    if not finished:
+                        if time.monotonic() - last > block_timeout:
+                            raise LeaksegError(
+                                f"no block finished within {block_timeout:g} s ($LEAKSEG_BLOCK_TIMEOUT); the "
+                                "dask cluster seems stuck (workers gone or overloaded); no output was written")
+                        time.sleep(0.05)
+                        continue
+                    last = time.monotonic()
+                    for fut in finished:
+                        try:
+                            fut.result(timeout=block_timeout)
+                        except Exception as e:
+                            raise _worker_error(e) from None
+                        done += 1
+                        yield Progress(done, total, f"block {done}/{total}")
             finally:
                 client.cancel(futures)
         prov = {"capability": pred.capability, "operation": "leakseg apply",
@@ -692,9 +762,18 @@ def iter_apply(model_path, input_path, output_path, *, scheduler=None, n_workers
     finally:
         discard_stage(tmp)
         if client is not None and not _is_client(scheduler):
-            client.close()
+            _bounded(lambda: client.close(timeout=max(2.0, connect_timeout)))
         if cluster is not None:
-            cluster.close()
+            _bounded(lambda: cluster.close(timeout=30))
+
+
+def _bounded(close) -> None:
+    """Closing a client/cluster is cleanup: bounded by its own timeout, and never the reason a
+    run fails (the output is already committed or discarded)."""
+    try:
+        close()
+    except Exception:  # noqa: BLE001 - a scheduler that vanished cannot be closed politely
+        pass
 
 
 def _worker_error(e: BaseException) -> LeaksegError:
@@ -726,7 +805,10 @@ def apply_model(model_path, input_path, output_path, *, scheduler=None, n_worker
     ``allowed_failures`` (retries of a block whose worker died, default 2),
     ``memory_limit`` ("auto": refuse runs the memory estimate says will not fit),
     ``torch_threads`` (torch threads per worker process; default 1 on a LocalCluster
-    of processes, unchanged elsewhere).
+    of processes, unchanged elsewhere), ``block_timeout`` (s without any finished block
+    before a cluster run is abandoned; default 3600 or $LEAKSEG_BLOCK_TIMEOUT).
+    ``connect_timeout`` is one deadline for the whole connection (TCP, dask handshake,
+    client start).
 
     Bit-identity with :func:`predict_array` holds when both run with the same
     number of torch threads (oneDNN's convolution results can differ in the last

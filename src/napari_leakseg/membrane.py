@@ -56,6 +56,7 @@ from .core.device import resolve_device, seed_everything
 from .core.errors import InputError, JobCancelled, LeaksegError, ModelFileError
 from .core.jobs import Progress, Throttle, run_job
 from .core.labels import check_labels
+from .core.modelcheck import ModelSpec, Param, build_model as checked_model, unet_activation
 from .core.normalize import check_image, normalize, percentile_range
 from .core.predictor import Predictor
 from .core.tiling import iter_tiled, pad_to_multiple
@@ -662,23 +663,50 @@ def train_membrane(images, labels, callback=None, **kw) -> TrainedMembrane:
 # --------------------------------------------------------------------------- prediction
 
 
+def _check_bank(arch: dict, meta: dict, sd: dict) -> None:
+    """The saved reference bank: all three tensors or none, with consistent shapes."""
+    names = ("bank.keys", "bank.vals", "bank.means")
+    have = [n for n in names if n in sd]
+    if not have:
+        return
+    if len(have) != 3:
+        raise ModelFileError(f"membrane model reference bank is incomplete (has {', '.join(have)})")
+    k, v, m = (sd[n] for n in names)
+    E = arch["emb_dim"]
+    if (k.ndim != 3 or k.shape[-1] != E or tuple(v.shape) != tuple(k.shape[:2])
+            or tuple(m.shape) != (k.shape[0], E)):
+        raise ModelFileError(f"membrane model reference bank shapes {tuple(k.shape)}, {tuple(v.shape)}, "
+                             f"{tuple(m.shape)} do not fit emb_dim {E}")
+    mv = meta.get("membrane_value")
+    if mv is not None and (not isinstance(mv, int) or isinstance(mv, bool)):
+        raise ModelFileError(f"membrane model 'membrane_value' must be an integer, got {mv!r:.40}")
+
+
+#: what a saved membrane model must look like (checked by ``core.modelcheck.build_model``)
+MODEL_SPEC = ModelSpec(
+    CAPABILITY,
+    arch={"base": Param("int", 1, 512), "depth": Param("int", 1, 8),
+          "norm": Param("str", choices=("batch", "group", "instance", "none")),
+          "use_reference": Param("bool"), "feedback": Param("bool"), "emb_dim": Param("int", 1, 1024),
+          "keys_per_ref": Param("int", 1, 1 << 16), "attn_stride": Param("int", 1, 64)},
+    defaults=DEFAULT_ARCH,
+    build=lambda a: MembraneNet(**a),
+    weights=lambda sd: {k: v for k, v in sd.items() if not k.startswith("bank.")},
+    activation=lambda a: unet_activation(a["base"], a["depth"], 2),
+    check=_check_bank)
+
+
 def load_model(path_or_state, metadata: Optional[dict] = None) -> TrainedMembrane:
     """A :class:`TrainedMembrane` from a model file (checked to be a membrane model) or (state, meta)."""
     if metadata is None:
         sd, meta = store.load(path_or_state, capability=CAPABILITY)
+        source = path_or_state
     else:
-        sd, meta = dict(path_or_state), dict(metadata)
-        if meta.get("capability") != CAPABILITY:
-            raise ModelFileError(f"this is a {meta.get('capability')!r} model, not a 'membrane' model")
-    arch = {k: v for k, v in meta.get("arch", {}).items() if k in DEFAULT_ARCH}
-    model = MembraneNet(**arch)
-    wsd = {k: v for k, v in sd.items() if not k.startswith("bank.")}
-    try:
-        model.load_state_dict(wsd)
-    except RuntimeError as e:
-        raise ModelFileError(f"model weights do not match the membrane architecture: {str(e).splitlines()[0]}") from None
-    model.eval()
-    return TrainedMembrane(model, meta, ReferenceBank.from_state(sd))
+        if not isinstance(path_or_state, dict):
+            raise ModelFileError("membrane model weights must be a dict of tensors")
+        sd, meta, source = dict(path_or_state), metadata, None
+    model, _ = checked_model(MODEL_SPEC, sd, meta, source)  # types, keys, size, weights
+    return TrainedMembrane(model, dict(meta), ReferenceBank.from_state(sd))
 
 
 class MembranePredictor:
@@ -699,6 +727,8 @@ class MembranePredictor:
         if self.n_refs < 1:
             raise InputError("n_refs must be at least 1")
         self.feedback_iters = (1 if self.model.feedback else 0) if feedback_iters is None else int(feedback_iters)
+        if self.feedback_iters < 0:
+            raise InputError(f"feedback iterations must be 0 or more, got {self.feedback_iters}")
         if self.feedback_iters > 0 and not self.model.feedback:
             raise InputError("this model was trained without feedback; set feedback iterations to 0")
         self.tile = int(tile)

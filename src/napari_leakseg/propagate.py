@@ -39,6 +39,7 @@ from .core.device import resolve_device, seed_everything
 from .core.errors import InputError, JobCancelled, LeaksegError
 from .core.jobs import Progress, run_job
 from .core.labels import check_labels, smallest_uint
+from .core.modelcheck import ModelSpec, Param, build_model as checked_model, check_value, unet_activation
 from .core.normalize import check_image, normalize, percentile_range
 from .core.predictor import Predictor
 from .core.tiling import pad_to_multiple, predict_tiled
@@ -824,15 +825,17 @@ def ctc_folder_taken(folder) -> bool:
     return folder.exists() and any(folder.iterdir())
 
 
-def check_ctc_folder(folder, overwrite: bool = False) -> Path:
-    """A CTC results folder to write: refused when it holds files (unless ``overwrite``) or
-    when its parent folder is missing, not a folder or not writable (``core.io.check_target``)."""
-    from .core.io import check_target
+def check_ctc_folder(folder, overwrite: bool = False, inputs=()) -> Path:
+    """A CTC results folder to write: refused when it holds files (unless ``overwrite``), when it
+    is, holds or lies inside one of ``inputs``, or when its parent folder is missing, not a
+    folder or not writable (``core.paths.check_target``)."""
+    from .core.paths import check_target
 
     folder = Path(folder)
     if not overwrite and ctc_folder_taken(folder):
         raise LeaksegError(f"CTC folder {folder} exists and is not empty; choose another or pass --overwrite")
-    return check_target(folder, overwrite=True)  # an empty existing folder may be reused
+    # files are written into the folder (an empty existing one may be reused), never the folder replaced
+    return check_target(folder, overwrite=True, inputs=inputs, into_folder=True)
 
 
 def export_ctc(instances, folder, overwrite: bool = False) -> Path:
@@ -906,6 +909,26 @@ def ctc_seg(gt, pred) -> tuple[float, int]:
 # --------------------------------------------------------------------------- #
 # saved models
 # --------------------------------------------------------------------------- #
+def _check_saved(arch: dict, meta: dict, sd: dict) -> None:
+    for key in ("downsample",):
+        if key in meta:
+            check_value(key, meta[key], Param("int", 1, 64))
+    train = meta.get("train") or {}
+    if "downsample" in train and "downsample" not in meta:
+        check_value("train.downsample", train["downsample"], Param("int", 1, 64))
+
+
+#: what a saved propagate model must look like (checked by ``core.modelcheck.build_model``)
+MODEL_SPEC = ModelSpec(
+    "propagate",
+    arch={"in_channels": Param("int", 1, 64), "out_channels": Param("int", 1, 4096), "base": Param("int", 1, 512),
+          "depth": Param("int", 1, 8), "norm": Param("str", choices=("batch", "group", "instance", "none"))},
+    required=("in_channels", "out_channels", "base", "depth"),
+    build=lambda a: UNet(**a),
+    activation=lambda a: unet_activation(a["base"], a["depth"], a["in_channels"]),
+    check=_check_saved)
+
+
 def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
     """A :class:`~napari_leakseg.core.predictor.Predictor` for a saved propagate model.
 
@@ -913,14 +936,9 @@ def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
     probabilities (K, h, w), internally at 1/``downsample`` resolution;
     ``finalize`` takes the argmax.
     """
-    arch = dict(metadata.get("arch") or {})
-    if not arch:
-        raise LeaksegError("propagate model metadata has no 'arch'")
     dev = resolve_device(device)
-    model = UNet(**arch).to(dev)
-    model.load_state_dict(state_dict)
-    model.eval()
-    f = int(metadata.get("downsample", metadata.get("train", {}).get("downsample", 1)))
+    model, arch = checked_model(MODEL_SPEC, state_dict, metadata, None, dev)  # one validation step
+    f = int(metadata.get("downsample", (metadata.get("train") or {}).get("downsample", 1)))
     mult = model.multiple * f
 
     def fn(tile: np.ndarray) -> np.ndarray:

@@ -42,9 +42,10 @@ from torch import nn
 from .core.device import resolve_device, seed_everything
 from .core.errors import InputError, JobCancelled, LeaksegError
 from .core.jobs import Progress, Throttle, run_job
+from .core.modelcheck import ModelSpec, Param, build_model as checked_model, unet_activation
 from .core.normalize import check_image, normalize, percentile_range
 from .core.predictor import Predictor
-from .core.tiling import iter_tiled
+from .core.tiling import check_tile, iter_tiled
 from .core.unet import UNet, numpy_fn
 
 LOSSES = ("ssim", "mse", "l1")
@@ -540,21 +541,26 @@ class RestoreModel:
         from .core import store
 
         sd, meta = store.load(path, capability=CAPABILITY)
-        return cls(_build(sd, meta, device), meta)
+        return cls(_build(sd, meta, device, path), meta)
 
     def restore(self, image, **kw) -> np.ndarray:
         return restore_image(self, image, **kw)
 
 
-def _build(sd, meta, device) -> RestoreNet:
-    from .core.errors import ModelFileError
+#: what a saved restore model must look like (checked by ``core.modelcheck.build_model``)
+MODEL_SPEC = ModelSpec(
+    CAPABILITY,
+    arch={"base": Param("int", 1, 512), "depth": Param("int", 1, 8),
+          "norm": Param("str", choices=("batch", "group", "instance", "none")), "residual": Param("bool")},
+    defaults={"base": 16, "depth": 3, "norm": "batch", "residual": True},
+    build=lambda a: RestoreNet(**a),
+    activation=lambda a: unet_activation(a["base"], a["depth"], 1))
 
-    try:
-        net = RestoreNet(**meta.get("arch", {}))
-        net.load_state_dict(sd)
-    except Exception as e:
-        raise ModelFileError(f"restore model weights do not match its architecture: {str(e)[:200]}") from None
-    return net.to(resolve_device(device)).eval()
+
+def _build(sd, meta, device, source=None) -> RestoreNet:
+    """The network of a saved restore model after the shared validation step."""
+    net, _ = checked_model(MODEL_SPEC, sd, meta, source, resolve_device(device))
+    return net
 
 
 # --------------------------------------------------------------------------- training
@@ -869,6 +875,10 @@ def _get_model(model, device) -> RestoreModel:
     return RestoreModel.load(model, device=device)
 
 
+#: smallest tile restoration accepts (the U-Net pads to multiples of 2**depth by reflection)
+MIN_TILE = 32
+
+
 def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
                  exclude_bar: bool = True):
     """Restore one 2D image (numpy, zarr or dask; gray or RGB); a job generator.
@@ -879,6 +889,7 @@ def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto"
     Returns float32 (Y, X) in the normalised intensity scale of the training
     target (≈ [0, 1]).
     """
+    check_tile(tile, overlap, MIN_TILE)
     rm = _get_model(model, device)
     net = rm.net
     dev = next(net.parameters()).device
@@ -914,6 +925,7 @@ def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto"
 def restore_image(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
                   callback=None) -> np.ndarray:
     """Restore a 2D image or a stack (N, Y, X); see :func:`iter_restore`."""
+    check_tile(tile, overlap, MIN_TILE)
     rm = _get_model(model, device)
     a = image
     if getattr(a, "ndim", np.ndim(a)) == 3 and a.shape[-1] not in (3, 4):

@@ -46,9 +46,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .core.device import resolve_device, seed_everything
-from .core.errors import InputError, JobCancelled, LeaksegError
+from .core.errors import InputError, JobCancelled, LeaksegError, ModelFileError
 from .core.jobs import Progress, Throttle, run_job
 from .core.labels import check_labels, smallest_uint
+from .core.modelcheck import ModelSpec, Param, build_model as checked_model, check_value
 from .core.normalize import check_image, percentile_range
 
 __all__ = [
@@ -204,6 +205,40 @@ def _halo(arch: dict) -> int:
     if arch.get("kind", "conv") == "filters":
         return int(math.ceil(3 * max(arch["sigmas"]))) + 16
     return 2 * (arch["n_conv"] + 1)
+
+
+def _check_saved(arch: dict, meta: dict, sd: dict) -> None:
+    need = ("hidden", "sigmas") if arch.get("kind", "conv") == "filters" else ("n_conv",)
+    missing = [k for k in need if k not in arch]
+    if missing:
+        raise ModelFileError(f"the scribble model 'arch' lacks {', '.join(missing)}")
+    lut = meta.get("channel_lut")
+    if lut is not None and (not isinstance(lut, list) or len(lut) != arch["q"]
+                            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 31
+                                       for v in lut)):
+        raise ModelFileError(f"scribble model 'channel_lut' must be {arch['q']} non-negative integers")
+    lohi = (meta.get("normalization") or {}).get("lohi")
+    if lohi is not None:
+        if not isinstance(lohi, list) or len(lohi) != 2:
+            raise ModelFileError("scribble model 'normalization.lohi' must be [low, high]")
+        for v in lohi:
+            check_value("normalization.lohi", v, Param("float"))
+    cfg = (meta.get("train") or {}).get("config")
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ModelFileError("scribble model 'train.config' must be a JSON object")
+
+
+#: what a saved scribble model must look like (checked by ``core.modelcheck.build_model``)
+MODEL_SPEC = ModelSpec(
+    "scribble",
+    arch={"kind": Param("str", choices=("conv", "filters")),
+          "in_channels": Param("int", 1, 64), "q": Param("int", 2, 4096), "n_conv": Param("int", 1, 64),
+          "padding_mode": Param("str", choices=("zeros", "reflect", "replicate", "circular")),
+          "hidden": Param("int", 1, 4096), "sigmas": Param("floats", 0.1, 64)},
+    required=("in_channels", "q"), defaults={"padding_mode": "replicate"},
+    build=build_model, check=_check_saved,
+    activation=lambda a: (6 * a["q"] + (a.get("hidden", 0) or 0) * 2
+                          + (7 * len(a.get("sigmas") or []) + 1) * a["in_channels"] * 2) * 512 * 512 * 4)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -510,6 +545,8 @@ def iter_segment(
     q = cfg.q
     if warm_start is not None:
         meta = warm_start.get("metadata", {})
+        checked_model(MODEL_SPEC, {k: torch.as_tensor(v) for k, v in (warm_start.get("state_dict") or {}).items()},
+                      meta, "warm-start model")  # one validation step
         arch = dict(meta.get("arch", {}))
         if arch.get("in_channels") != C:
             raise LeaksegError(
@@ -846,14 +883,13 @@ def predictor_from_model(state_dict, metadata, device="auto"):
     from .core.predictor import Predictor
     from .core.unet import numpy_fn
 
-    arch = metadata["arch"]
-    if (metadata.get("train", {}).get("config", {}) or {}).get("coords", 0):
+    dev = resolve_device(device)
+    # one validation step (types, known keys, size, weights): BatchNorm statistics were frozen
+    # to the training image before saving; eval mode uses them
+    model, arch = checked_model(MODEL_SPEC, state_dict, metadata, None, dev)
+    if ((metadata.get("train") or {}).get("config") or {}).get("coords", 0):
         raise LeaksegError("this scribble model uses position channels (coords > 0); it can only be applied "
                            "to the whole image it was trained on, not tile by tile")
-    dev = resolve_device(device)
-    model = build_model(arch).to(dev)
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
-    model.eval()  # BatchNorm statistics were frozen to the training image before saving
     lut = np.asarray(metadata.get("channel_lut") or np.arange(1, arch["q"] + 1), np.int64)
     # channels that never won on the training image get fresh ids after the used ones
     free = lut == 0

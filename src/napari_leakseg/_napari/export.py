@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from ..core.errors import InputError
-from ..zarr_io import PROVENANCE_KEY, default_axes, write_ome_zarr
+from ..core.zarr_io import PROVENANCE_KEY, default_axes, write_ome_zarr
 
 _MAX_COLORS = 4096
 
@@ -127,6 +127,21 @@ def _layer_state(layer) -> dict:
     return meta
 
 
+def layer_sources(layers) -> list[str]:
+    """The files/stores the layers were opened from (napari's ``layer.source.path``; our
+    reader's lazy zarr arrays also name their store). An export never writes over, into or
+    around one of them."""
+    out = []
+    for l in layers:
+        src = getattr(getattr(l, "source", None), "path", None)
+        if src:
+            out.append(str(src))
+        where = getattr(getattr(l, "metadata", None) or {}, "get", lambda k: None)("source_path")
+        if where:
+            out.append(str(where))
+    return out
+
+
 def _as_layers(viewer_or_layers) -> list:
     if hasattr(viewer_or_layers, "layers") and hasattr(viewer_or_layers, "dims"):  # a Viewer
         ll = viewer_or_layers.layers
@@ -142,17 +157,19 @@ def _as_layers(viewer_or_layers) -> list:
 
 
 def write_layer_data(path, data, meta: Mapping[str, Any], kind: str, *, overwrite: bool = False,
-                     provenance: Optional[Mapping[str, Any]] = None) -> Path:
+                     provenance: Optional[Mapping[str, Any]] = None, inputs=()) -> Path:
     """Write one layer given as (data, state dict) — what npe2 writers receive."""
     args = layer_store_args(data, meta, kind)
     extra = args.pop("_extra_prov")
     prov = {"source_layer": args["name"], **extra, **(dict(provenance) if provenance else {})}
-    return write_ome_zarr(path, overwrite=overwrite, provenance=prov, **args)
+    src = (meta.get("metadata") or {}).get("source_path")
+    inputs = list(inputs) + ([src] if src else [])
+    return write_ome_zarr(path, overwrite=overwrite, provenance=prov, inputs=inputs, **args)
 
 
 def export_layers(viewer_or_layers, path, *, overwrite: bool = False,
                   provenance: Optional[Mapping[str, Any]] = None,
-                  extra_labels: Optional[Mapping[str, Any]] = None) -> Path:
+                  extra_labels: Optional[Mapping[str, Any]] = None, inputs=None) -> Path:
     """Write napari layers to one OME-Zarr store and return its path.
 
     ``viewer_or_layers``: a Viewer (its selected layers, else all Labels/Image
@@ -161,9 +178,14 @@ def export_layers(viewer_or_layers, path, *, overwrite: bool = False,
     ``extra_labels`` adds arrays such as a propagation's per-frame status
     (see :func:`napari_leakseg.zarr_io.write_ome_zarr`). Refuses an existing
     ``path`` unless ``overwrite`` (the widgets ask for confirmation first);
-    written atomically (temporary name + rename).
+    written atomically (temporary name + rename). ``inputs``: files/stores the output must
+    not be, hold or lie inside (default: the sources of the exported layers, or of every
+    layer of a Viewer); with ``overwrite`` only a store napari-leakseg wrote is replaced.
     """
     layers = _as_layers(viewer_or_layers)
+    if inputs is None:
+        every = list(viewer_or_layers.layers) if hasattr(viewer_or_layers, "dims") else layers
+        inputs = layer_sources(every)
     kinds = [_layer_kind(l) for l in layers]
     images = [l for l, k in zip(layers, kinds) if k == "image"]
     labels = [l for l, k in zip(layers, kinds) if k == "labels"]
@@ -188,4 +210,5 @@ def export_layers(viewer_or_layers, path, *, overwrite: bool = False,
         extras[str(k)] = v
     prov = {"source_layer": names if len(names) > 1 else names[0], **extra_prov,
             **(dict(provenance) if provenance else {})}
-    return write_ome_zarr(path, overwrite=overwrite, provenance=prov, extra_labels=extras or None, **args)
+    return write_ome_zarr(path, overwrite=overwrite, provenance=prov, extra_labels=extras or None,
+                          inputs=inputs, **args)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
-from ..zarr_io import PROVENANCE_KEY, is_zarr_store, open_ome_zarr
+from ..core.zarr_io import PROVENANCE_KEY, is_zarr_store, open_ome_zarr
 
 
 def _is_ours_or_ngff(path) -> bool:

@@ -49,7 +49,8 @@ def run(args) -> int:
     out = run_with_progress(iter_apply(
         args.model, args.input, args.output, scheduler=args.scheduler, n_workers=args.workers,
         overwrite=args.overwrite, device=args.device, block=args.block or DEFAULT_BLOCK,
-        connect_timeout=args.connect_timeout or DEFAULT_CONNECT_TIMEOUT), quiet=args.quiet)
+        connect_timeout=DEFAULT_CONNECT_TIMEOUT if args.connect_timeout is None else args.connect_timeout),
+        quiet=args.quiet)
     if out is None:
         print("leakseg apply: cancelled; no output was written", file=sys.stderr)
         return 130

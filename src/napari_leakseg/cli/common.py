@@ -67,8 +67,9 @@ def write(path, data, *, overwrite: bool = False, kind: str = "labels", **zarr_k
     return io.imwrite(path, data, overwrite=overwrite, kind=kind, **zarr_kw)
 
 
-def check_model_out(path, overwrite: bool = False):
-    """A model file to write: ``.pt``, not existing unless ``overwrite``, in a writable folder.
+def check_model_out(path, overwrite: bool = False, inputs=()):
+    """A model file to write: ``.pt``, not existing unless ``overwrite``, in a writable folder,
+    and none of ``inputs`` (the files the command reads).
 
     Checked before any training, so a bad path fails in a second, not after the run."""
     from pathlib import Path
@@ -78,7 +79,7 @@ def check_model_out(path, overwrite: bool = False):
     path = Path(path)
     if path.suffix.lower() != ".pt":
         raise InputError(f"model output {path} must end in .pt")
-    return io.check_target(path, overwrite)
+    return io.check_target(path, overwrite, inputs)
 
 
 def parse_int_list(s: str | None) -> list[int] | None:

@@ -55,7 +55,7 @@ def run(args) -> int:
     inp = Path(args.input)
     if _ext(args.out) != ".zarr":
         raise InputError(f"--out {args.out} must be a .zarr store")
-    check_output_path(args.out, args.overwrite)
+    check_output_path(args.out, args.overwrite, [inp])
     if not inp.exists():
         raise InputError(f"input {inp} does not exist")
     meta = {}
@@ -73,7 +73,7 @@ def run(args) -> int:
         src_axes = ["c", "y", "x"]
     axes = list(args.axes) if args.axes else src_axes
     scale = _floats(args.scale, "scale") if args.scale else meta.get("scale")
-    chunks = [int(v) for v in _floats(args.chunks, "chunks")] if args.chunks else None
+    chunks = _floats(args.chunks, "chunks") if args.chunks else None  # whole numbers: checked by write_ome_zarr
     if chunks is not None and (len(chunks) != data.ndim or min(chunks) < 1):
         raise InputError(f"--chunks needs {data.ndim} positive values, got {args.chunks!r}")
     if args.levels < 1:
@@ -86,7 +86,7 @@ def run(args) -> int:
         prov["source_provenance"] = src_prov
     out = write_ome_zarr(args.out, data, kind=args.kind, name=name, axes=axes, scale=scale,
                          translate=meta.get("translate"), provenance=prov, chunks=chunks,
-                         n_levels=args.levels, overwrite=args.overwrite)
+                         n_levels=args.levels, overwrite=args.overwrite, inputs=[inp])
     if not args.quiet:
         print(f"wrote {out} ({args.kind}, shape {tuple(data.shape)}, {np.dtype(data.dtype)}, "
               f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr)

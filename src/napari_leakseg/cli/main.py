@@ -44,6 +44,15 @@ def _one_line(e: BaseException, limit: int = 600) -> str:
 
 
 def main(argv=None) -> int:
+    from ..core.jobs import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (partial stores, temporary files)
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
+    from ..core.jobs import Terminated
+
     try:
         parser = build_parser()  # imports torch & co: Ctrl-C here must not print a traceback either
     except KeyboardInterrupt:
@@ -61,6 +70,9 @@ def main(argv=None) -> int:
     except JobCancelled:
         print(f"leakseg {args.command}: cancelled", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"leakseg {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"leakseg {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130

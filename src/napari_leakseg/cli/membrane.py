@@ -99,9 +99,9 @@ def register(sub) -> None:
 def run_train(args) -> int:
     from .. import membrane as M
 
-    out = check_model_out(args.out, args.overwrite)
     imgs = _expand(args.images, "image")
     labs = _expand(args.labels, "labels")
+    out = check_model_out(args.out, args.overwrite, imgs + labs + [args.init])
     if len(imgs) != len(labs):
         raise InputError(f"{len(imgs)} images but {len(labs)} label files; they must pair up")
     init = M.load_model(args.init) if args.init else None
@@ -131,6 +131,8 @@ def run_predict(args) -> int:
     if (args.ref_images is None) != (args.ref_labels is None):
         raise InputError("give both --ref-images and --ref-labels (or neither to use the model's saved references)")
     imgs = _expand(args.images, "image")
+    inputs = imgs + [args.model] + _expand(args.ref_images, "reference image") + \
+        _expand(args.ref_labels, "reference labels")  # files (folders expanded), as for the images
     outs = []
     out = Path(args.out)
     if len(imgs) > 1:
@@ -142,13 +144,13 @@ def run_predict(args) -> int:
             stem = p.name.split(".")[0]
             trip = tuple(out / f"{stem}_{k}.tif" for k in ("membrane", "probability", "cells"))
             for t in trip:
-                check_output_path(t, args.overwrite)
+                check_output_path(t, args.overwrite, inputs)
             outs.append(trip)
     else:
         trip = (out, Path(args.probability) if args.probability else None, Path(args.cells) if args.cells else None)
         for t in trip:
             if t is not None:
-                check_output_path(t, args.overwrite)
+                check_output_path(t, args.overwrite, inputs)
         outs.append(trip)
     tm = M.load_model(args.model)
     pred = M.MembranePredictor(tm, device=args.device, n_refs=args.n_refs, feedback_iters=args.feedback_iters)

@@ -56,13 +56,14 @@ def run(args) -> int:
     from ..propagate import Propagator, check_ctc_folder, export_ctc, iter_link_instances
 
     instances = bool(args.instances or args.ctc_dir)
-    out = io.check_output_path(args.out, args.overwrite)
+    inputs = [args.stack, args.labels]
+    out = io.check_output_path(args.out, args.overwrite, inputs)
     if args.confidence:
-        io.check_output_path(args.confidence, args.overwrite)
+        io.check_output_path(args.confidence, args.overwrite, inputs)
     if args.ctc_dir:
-        check_ctc_folder(args.ctc_dir, args.overwrite)
+        check_ctc_folder(args.ctc_dir, args.overwrite, inputs)
     if args.save_model:
-        common.check_model_out(args.save_model, args.overwrite)
+        common.check_model_out(args.save_model, args.overwrite, inputs)
     stack = common.read(args.stack)
     labels = common.read(args.labels)
     if getattr(labels, "ndim", 0) == 4 and labels.shape[-1] == 1:

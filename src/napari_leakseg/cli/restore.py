@@ -83,7 +83,8 @@ def run_train(args) -> int:
     from ..core.errors import InputError
     from .. import restore as R
 
-    out = check_model_out(args.out, args.overwrite)
+    out = check_model_out(args.out, args.overwrite,
+                          list(args.low or []) + list(args.high or []) + [args.estimate_from])
     if args.self_supervised:
         if not args.low or args.high:
             raise InputError("--self-supervised trains from --low images only (drop --high)")
@@ -141,10 +142,11 @@ def run_apply(args) -> int:
                 return o.with_name(name[: -len(ext)] + "_risk" + ext)
         return o.with_name(name + "_risk")
 
+    inputs = list(args.images) + [args.model]
     for o in outs:  # fail before any work
-        check_output_path(o, args.overwrite)
+        check_output_path(o, args.overwrite, inputs)
         if args.risk_map:
-            check_output_path(risk_path(o), args.overwrite)
+            check_output_path(risk_path(o), args.overwrite, inputs)
     for src, o in zip(args.images, outs):
         img = read(src, lazy=True)
         shape = tuple(img.shape)

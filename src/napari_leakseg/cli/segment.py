@@ -53,9 +53,10 @@ def run(args) -> int:
     from ..core.errors import InputError
     from ..scribble import iter_segment
 
-    io.check_output_path(args.out, args.overwrite)
+    inputs = [args.image, args.scribbles, args.warm_start]
+    io.check_output_path(args.out, args.overwrite, inputs)
     if args.save_model:
-        common.check_model_out(args.save_model, args.overwrite)
+        common.check_model_out(args.save_model, args.overwrite, inputs + [args.out])
     image = np.asarray(common.read(args.image, lazy=False))
     scr = None
     if args.scribbles:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 import torch
 
 from .errors import DeviceError
@@ -71,11 +73,23 @@ def resolve_device(choice: str | torch.device | None = "auto") -> torch.device:
     return torch.device("mps")
 
 
+def check_seed(seed) -> int:
+    """A random seed: a whole number from 0 to 2**64 - 1 (what torch and numpy accept)."""
+    from .errors import InputError
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be a whole number, got {seed!r:.40}")
+    if not 0 <= int(seed) < 2 ** 64:
+        raise InputError(f"seed must be between 0 and 2**64 - 1 (18446744073709551615), got {int(seed)}")
+    return int(seed)
+
+
 def seed_everything(seed: int | None) -> torch.Generator | None:
     """Seed torch and numpy-free generators deterministically; returns a CPU generator."""
     if seed is None:
         return None
-    torch.manual_seed(int(seed))
+    seed = check_seed(seed)
+    torch.manual_seed(seed)
     # on a GPU the same seed gives the same weights only with deterministic cuDNN kernels
     # (the autotuner and some fast convolution backward kernels are not reproducible)
     torch.backends.cudnn.deterministic = True

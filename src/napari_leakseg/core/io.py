@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError
 from .memory import check_array, check_file_read, quiet_logger as _quiet_logger
+from .paths import check_input_file, check_store_files, check_target  # noqa: F401 (re-exported)
 
 READ_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
 WRITE_EXT = (".tif", ".tiff", ".png", ".npy", ".zarr")
@@ -42,7 +43,9 @@ def imread(path, lazy: bool = True, mmap: bool = False, prefer: str = "labels"):
     if ext not in READ_EXT:
         raise InputError(f"cannot read {path}: unsupported extension {ext!r} (use {', '.join(READ_EXT)})")
     if ext == ".zarr":
-        from ..zarr_io import read_zarr
+        from .zarr_io import read_zarr
+
+        check_store_files(path)  # a FIFO posing as metadata would block the zarr reader
 
         arr = read_zarr(path, prefer=prefer)
         if lazy:
@@ -51,6 +54,7 @@ def imread(path, lazy: bool = True, mmap: bool = False, prefer: str = "labels"):
         return np.asarray(arr)
     if path.is_dir():
         raise InputError(f"input {path} is a directory, not a {ext} file")
+    check_input_file(path)  # a FIFO/device would block the reader forever
     if not (mmap and ext == ".npy"):
         check_file_read(path)  # refuse files far beyond memory before reading a pixel
     try:
@@ -73,36 +77,14 @@ def imread(path, lazy: bool = True, mmap: bool = False, prefer: str = "labels"):
     return arr
 
 
-def check_output_path(path, overwrite: bool = False) -> Path:
-    """Raise a clear error for an output path that exists, or whose folder is missing/unwritable."""
+def check_output_path(path, overwrite: bool = False, inputs=()) -> Path:
+    """Raise a clear error for an output path with an unsupported extension, or one that
+    :func:`check_target` refuses (exists, is or holds an input, folder missing/unwritable)."""
     path = Path(path)
     ext = _ext(path)
     if ext not in WRITE_EXT:
         raise InputError(f"cannot write {path}: unsupported extension {ext!r} (use {', '.join(WRITE_EXT)})")
-    return check_target(path, overwrite)
-
-
-def check_target(path, overwrite: bool = False) -> Path:
-    """Any output (file or store): refuse one that exists unless ``overwrite``, and a folder
-    that is missing, not a folder or not writable."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists; choose another name or pass --overwrite")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise OutputExistsError(f"output folder {parent} does not exist")
-    if not parent.is_dir():
-        raise OutputExistsError(f"output folder {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK):
-        raise OutputExistsError(f"output folder {parent} is not writable")
-    try:  # permission bits do not tell the whole story (root, read-only mounts, /sys)
-        import tempfile
-
-        with tempfile.TemporaryFile(dir=parent, prefix=".leakseg-write-test-"):
-            pass
-    except OSError as e:
-        raise OutputExistsError(f"output folder {parent} is not writable ({e.strerror or e})") from None
-    return path
+    return check_target(path, overwrite, inputs)
 
 
 def imwrite(path, data, overwrite: bool = False, kind: str = "labels", **zarr_kw) -> Path:
@@ -110,7 +92,7 @@ def imwrite(path, data, overwrite: bool = False, kind: str = "labels", **zarr_kw
     path = check_output_path(path, overwrite)
     ext = _ext(path)
     if ext == ".zarr":
-        from ..zarr_io import write_ome_zarr
+        from .zarr_io import write_ome_zarr
 
         return write_ome_zarr(path, data, kind=kind, overwrite=overwrite, **zarr_kw)
     arr = np.asarray(data)
@@ -135,10 +117,14 @@ def imwrite(path, data, overwrite: bool = False, kind: str = "labels", **zarr_kw
             elif arr.dtype.kind in "iu" and arr.dtype.itemsize > 2:
                 arr = arr.astype(np.uint16 if arr.max(initial=0) > 255 else np.uint8)
             iio.imwrite(tmp, arr, extension=".png")
-        if path.exists() and overwrite:
-            if path.is_dir():
-                shutil.rmtree(path)
-        os.replace(tmp, path)
+        if overwrite and path.is_dir() and not path.is_symlink():
+            # only a store we wrote gets here (check_target): move it aside, then replace
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -163,3 +163,79 @@ class Throttle:
             self._last = now
             return True
         return False
+
+
+def check_timeout(seconds, what: str = "timeout") -> float:
+    """A wait limit: a finite number of seconds above 0 (every wait in the plugin has one)."""
+    import math
+
+    from .errors import InputError
+
+    try:
+        s = float(seconds)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number of seconds, got {seconds!r:.40}") from None
+    if not math.isfinite(s) or s <= 0:
+        raise InputError(f"{what} must be a positive, finite number of seconds, got {seconds!r:.40}")
+    return s
+
+
+class DeadlineExceeded(TimeoutError):
+    """:func:`call_with_deadline`: the call did not finish in time (it is left to finish or
+    fail on its own in a daemon thread; nothing waits for it)."""
+
+
+def call_with_deadline(fn, seconds: float, name: str = "leakseg-deadline"):
+    """Run ``fn()`` and return its value, or raise :class:`DeadlineExceeded` after ``seconds``.
+
+    For calls into libraries that can block without a limit of their own (a network peer that
+    accepts a connection and never answers). ``fn`` runs in a daemon thread, so a call that
+    never returns does not keep the process alive; its exception is re-raised here."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=name, daemon=True)
+    t.start()
+    t.join(check_timeout(seconds))
+    if t.is_alive():
+        raise DeadlineExceeded(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same ``finally`` blocks run
+    (staging folders and temporary files are removed) before the process ends."""
+
+
+class sigterm_as_interrupt:
+    """Context manager: inside it, SIGTERM raises :class:`Terminated` in the main thread (as
+    SIGINT raises KeyboardInterrupt); the previous handler is restored on exit. Does nothing
+    outside the main thread or where the platform has no SIGTERM."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.old = None
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM"):
+            def _raise(signum, frame):
+                raise Terminated()
+
+            self.old = signal.signal(signal.SIGTERM, _raise)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False

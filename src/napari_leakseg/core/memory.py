@@ -175,8 +175,9 @@ def check_file_read(path, what: Optional[str] = None, *, float_copies: float = 0
 
 
 class quiet_logger:
-    """Context manager: silence a library's logger below ERROR (e.g. tifffile's warnings about
-    damaged files, which would otherwise add lines to the CLI's one-line error)."""
+    """Context manager: silence a library's logger entirely (e.g. tifffile's warnings *and*
+    errors about damaged files or headers that claim huge shapes, which would otherwise add
+    lines to the CLI's one-line error; the caller reports the problem itself)."""
 
     def __init__(self, name: str):
         import logging
@@ -187,7 +188,7 @@ class quiet_logger:
         import logging
 
         self.level = self.log.level
-        self.log.setLevel(logging.ERROR)
+        self.log.setLevel(logging.CRITICAL + 1)
         return self
 
     def __exit__(self, *exc):

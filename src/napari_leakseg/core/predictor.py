@@ -60,4 +60,7 @@ def load_predictor(path, device="auto", capability: str | None = None) -> Predic
     if target is None:
         raise ModelFileError(f"{path}: unknown capability {cap!r}")
     mod, fn = target.split(":")
-    return getattr(importlib.import_module(mod), fn)(sd, meta, device=device)
+    try:
+        return getattr(importlib.import_module(mod), fn)(sd, meta, device=device)
+    except ModelFileError as e:
+        raise ModelFileError(f"{path}: {e}") from None

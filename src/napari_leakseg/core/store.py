@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +23,7 @@ import torch
 
 from .. import __version__
 from .errors import ModelFileError, OutputExistsError
+from .paths import check_input_file, check_target
 
 FORMAT = "napari-leakseg-model"
 FORMAT_VERSION = 1
@@ -56,10 +58,7 @@ def save(model_or_state, path, metadata: Mapping[str, Any], overwrite: bool = Fa
         raise ValueError(f"model metadata must be JSON-serialisable: {e}") from e
     if path.exists() and not overwrite:
         raise OutputExistsError(f"model file {path} exists; choose another name or allow overwrite")
-    if not path.parent.exists():
-        raise OutputExistsError(f"folder {path.parent} does not exist")
-    if not path.parent.is_dir():
-        raise OutputExistsError(f"folder {path.parent} is a file, not a folder")
+    check_target(path, overwrite)  # only a plain file is ever replaced; the folder must be writable
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -90,13 +89,13 @@ def load(path, capability: str | None = None, map_location="cpu") -> tuple[dict,
         raise ModelFileError(f"model file {path} does not exist")
     if path.is_dir():
         raise ModelFileError(f"model path {path} is a directory, not a model file")
+    check_input_file(path, "model file", ModelFileError)  # a FIFO/device would block torch.load
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": one line only in the CLI
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, or a pickle with disallowed globals
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(
-            f"{path} is not a valid napari-leakseg model file (corrupt, truncated or unsafe): {first[:200]}"
-        ) from None
+        raise ModelFileError(_load_error(path, e)) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a napari-leakseg model file")
     fv = payload.get("format_version")
@@ -112,11 +111,35 @@ def load(path, capability: str | None = None, map_location="cpu") -> tuple[dict,
         raise ModelFileError(f"{path} has unreadable metadata") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ModelFileError(f"{path} has no valid weights")
+    from .modelcheck import check_metadata
+
+    check_metadata(meta, path)  # a JSON object with a capability name (list/string metadata: refused)
     if capability is not None and meta.get("capability") != capability:
         raise ModelFileError(
             f"{path} is a {meta.get('capability')!r} model, not a {capability!r} model"
         )
     return sd, meta
+
+
+def _load_error(path, e: BaseException) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refused. Never repeats torch's advice
+    to retry with ``weights_only=False``: that would run whatever code the file holds."""
+    import pickle
+    import re
+
+    text = " ".join(str(e).split())
+    weights_only = "weights only" in text.lower() or "weights_only" in text
+    if isinstance(e, pickle.UnpicklingError) and weights_only:
+        m = re.search(r"GLOBAL ([\w.]+)", text)
+        if m:
+            return (f"{path} is not a safe model file: it refers to Python code ({m.group(1)}), which "
+                    "napari-leakseg never loads; nothing in it was run")
+        return (f"{path} is not a valid napari-leakseg model file (corrupt, or not a safe model file: a pickle "
+                "of other objects); nothing in it was run")
+    if weights_only:
+        text = ""  # torch's hints about weights_only are unsafe advice
+    first = text[:200] or type(e).__name__
+    return f"{path} is not a valid napari-leakseg model file (corrupt or truncated): {first}"
 
 
 def read_metadata(path) -> dict:

@@ -46,6 +46,20 @@ def _ramp(length: int, ramp: int, left: bool, right: bool) -> np.ndarray:
     return w
 
 
+def check_tile(tile, overlap: int = 0, minimum: int = 1) -> tuple[int, int]:
+    """``tile`` (an int or (h, w)) as whole numbers of at least ``minimum`` pixels, and a
+    non-negative ``overlap``; raises ``InputError`` naming the bad value."""
+    from .errors import InputError
+
+    th, tw = (tile, tile) if np.isscalar(tile) else tuple(tile)
+    for v in (th, tw):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
+            raise InputError(f"tile size must be a whole number of at least {minimum} pixels, got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or int(overlap) < 0:
+        raise InputError(f"tile overlap must be a whole number of pixels ≥ 0, got {overlap!r}")
+    return int(th), int(tw)
+
+
 def iter_tiled(
     fn: Callable[[np.ndarray], np.ndarray],
     image,
@@ -65,8 +79,8 @@ def iter_tiled(
     if getattr(image, "ndim", None) != 3:
         raise ValueError(f"iter_tiled expects (C, Y, X); got shape {getattr(image, 'shape', None)}")
     _, Y, X = image.shape
-    th, tw = (tile, tile) if np.isscalar(tile) else tile
-    th, tw = min(int(th), Y), min(int(tw), X)
+    th, tw = check_tile(tile, overlap)
+    th, tw = min(th, Y), min(tw, X)
     ys, xs = tile_starts(Y, th, overlap), tile_starts(X, tw, overlap)
     total = len(ys) * len(xs)
     acc = wacc = None  # accumulators for rows [row0, row0 + acc.shape[1])

@@ -251,7 +251,8 @@ class JobWidget(QWidget):
         layers = [self.viewer.layers[n] for n in names]
         try:
             out = _export.export_layers(layers, path, overwrite=overwrite,
-                                        provenance=self.export_provenance())
+                                        provenance=self.export_provenance(),
+                                        inputs=_export.layer_sources(self.viewer.layers))
         except LeaksegError as e:
             notify_error(f"{self.title}: {e}")
             return None

@@ -5,9 +5,10 @@ A correction (a confirmed frame) becomes an anchor. The resume recomputes the fr
 its walks reach — forward to the next anchor, backward to the middle of the gap in
 *both* mode — and stops a walk as soon as it has produced ``converge`` frames equal
 to the previous result (the correction no longer changes anything: what follows would
-be recomputed to the same labels by a noisier network). Frames out of its reach keep
-their labels, so a correction cannot change, let alone worsen, frames it has no
-influence on.
+be recomputed to about the same labels by a noisier network); "equal" means agreeing
+within half of the correction's own size (:func:`stop_tolerance`). A frame confirmed
+as it was recomputes nothing. Frames out of its reach keep their labels, so a
+correction cannot change, let alone worsen, frames it has no influence on.
 """
 
 from __future__ import annotations
@@ -37,7 +38,27 @@ def resume_frames(status: Sequence[str], t: int, direction: str = "both") -> lis
     return sorted(out)
 
 
-def same_result(new: np.ndarray, old: np.ndarray, tol: float = 0.995) -> bool:
+#: a confirmed frame that differs less than this from its previous result changes nothing
+MIN_CHANGE = 0.01
+
+
+def change(new: np.ndarray, old: np.ndarray) -> float:
+    """How much confirming ``new`` over the previous result ``old`` changed the frame:
+    1 − min(foreground IoU, fraction of pixels with the same class)."""
+    new, old = np.asarray(new), np.asarray(old)
+    if new.shape != old.shape:
+        return 1.0
+    return float(1.0 - min(foreground_iou(new, old), float(np.mean(new == old))))
+
+
+def stop_tolerance(change_: float) -> float:
+    """Agreement with the previous result at which a resume's walk stops: once the
+    difference is below half of the correction itself (within [0.9, 0.99]) the
+    correction's influence has faded into the walk's own noise."""
+    return float(min(0.99, max(0.9, 1.0 - change_ / 2)))
+
+
+def same_result(new: np.ndarray, old: np.ndarray, tol: float = 0.98) -> bool:
     """Whether a recomputed frame reproduces the previous result (foreground IoU ≥ tol
     and the same classes)."""
     new, old = np.asarray(new), np.asarray(old)

@@ -99,6 +99,8 @@ class Propagator:
         self.disagreement = np.full(T, np.nan)
         self._old: Optional[dict] = None  # a resume: the previous labels of the frames it may recompute
         self._fresh: set[int] = set()  # anchors confirmed since the last run (their walks are due)
+        #: how much confirming changed a frame (1 − agreement with its previous result; 1.0 = new)
+        self.change: dict[int, float] = {}
         self.history: list[dict] = []  # per-run record of what was computed
         if labels is not None:
             self._init_labels(labels, annotated)
@@ -168,6 +170,9 @@ class Propagator:
             )
         self.n_classes = max(self.n_classes, K)
         f = self.params.downsample
+        # how much this changes the frame (a re-confirmed frame whose walks are still due keeps its change)
+        ch = corrections.change(lab, np.asarray(self.labels[t])) if self.status[t] != "pending" else 1.0
+        self.change[t] = max(ch, self.change.get(t, 0.0)) if t in self._fresh else ch
         img = self._norm_frame(t)
         self._anchors[t] = Sample(t, down_image(img, f), down_labels(lab, f).astype(np.int64), None, True)
         self.labels[t] = lab
@@ -332,6 +337,7 @@ class Propagator:
             window: list[Sample] = []
             prior = self._anchor_prior(ch.anchor)
             same = 0
+            tol = corrections.stop_tolerance(self.change.get(ch.anchor, 1.0))
             for t in ch.frames:
                 if self.status[t] in ANCHOR:  # never modified (may appear if confirmed mid-run)
                     break
@@ -339,7 +345,7 @@ class Propagator:
                     lab, conf, sample, prior = self._compute_frame(t, prior)
                     self._computed.append(t)
                     if self._old is not None and t in self._old:
-                        same = same + 1 if corrections.same_result(lab, self._old[t]) else 0
+                        same = same + 1 if corrections.same_result(lab, self._old[t], tol) else 0
                 else:  # already pseudo-labelled and kept: reuse it for the training window
                     sample, prior = self._kept_frame(t)
                     lab = conf = None
@@ -417,14 +423,30 @@ class Propagator:
         frames = self.resume_frames(t, direction)
         self._old = {f: np.array(self.labels[f], copy=True) for f in frames if self.status[f] == "pseudo"}
         try:
-            # from a confirmed frame: the walks of the new anchors; from a pseudo frame: all walks over its gap
-            starts = (self._fresh | {t}) if self.status[t] in ANCHOR else None
+            # from a confirmed frame: the walks of the new anchors that changed something (a frame
+            # confirmed as it was carries no new information); from a pseudo frame: all walks over its gap
+            starts = None
+            if self.status[t] in ANCHOR:
+                starts = {a for a in self._fresh | {t} if self.change.get(a, 1.0) >= corrections.MIN_CHANGE}
+                frames = [f for f in frames if any(self._owner(f, direction) == a for a in starts)]
             res = yield from self.iter_run(direction, frames=frames, starts=starts)
         finally:
             self._old = None
         self.history[-1]["kind"] = "resume"
         self.history[-1]["from"] = t
         return res
+
+    def _owner(self, f: int, direction: str) -> Optional[int]:
+        """The anchor whose walk computes frame ``f`` (the nearest one in *both* mode)."""
+        an = self.anchors
+        before = [a for a in an if a < f]
+        after = [a for a in an if a > f]
+        if direction == "forward" or (direction == "both" and not after):
+            return before[-1] if before else None
+        if direction == "backward" or not before:
+            return after[0] if after else None
+        gap = list(range(before[-1] + 1, after[0]))
+        return before[-1] if f in gap[: (len(gap) + 1) // 2] else after[0]
 
     def suggest(self, k: int = 1) -> list[int]:
         """The ``k`` pseudo frames most worth checking next (lowest confidence, or the

@@ -197,7 +197,15 @@ def main(argv=None):
     ap.add_argument("--merge", action="store_true",
                     help="keep the other configurations' rows of the existing results (run the configurations as "
                          "separate locked runs on a loaded machine)")
+    ap.add_argument("--part", default="", help="write this run's results to PATH only (see --assemble)")
+    ap.add_argument("--assemble", nargs="+", default=None,
+                    help="merge --part files (configurations run as parallel processes) into the results")
     args = ap.parse_args(argv)
+    if args.assemble:
+        payload = {}
+        for f in args.assemble:
+            payload = merge(payload, json.loads(Path(f).read_text())) if payload else json.loads(Path(f).read_text())
+        return write_all(payload)
     if not DATA.is_dir():
         raise SystemExit(f"data not found: {DATA}")
     load0 = os.getloadavg()
@@ -248,12 +256,20 @@ def main(argv=None):
     }
     if args.no_write:
         return payload
+    if args.part:
+        Path(args.part).write_text(json.dumps(payload, indent=1))
+        return payload
     out = REPO / "benchmarks" / "results" / "propagate.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and out.exists():
         payload = merge(json.loads(out.read_text()), payload)
+    return write_all(payload)
+
+
+def write_all(payload):
+    out = REPO / "benchmarks" / "results" / "propagate.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=1))
-    plot(details, REPO / "docs" / "images" / "propagate_iou.png")
+    plot(payload["details"], REPO / "docs" / "images" / "propagate_iou.png")
     write_md(payload, REPO / "docs" / "benchmarks" / "propagate.md")
     return payload
 

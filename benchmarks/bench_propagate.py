@@ -1,16 +1,25 @@
-"""Benchmark: label propagation on PhC-C2DH-U373 (Cell Tracking Challenge), frame 0 annotated.
+"""Benchmark: label propagation on PhC-C2DH-U373 seq 02 (Cell Tracking Challenge).
 
-Methods
-  copy        frame 0's labels copied to every frame
-  train-only  the U-Net trained on frame 0 only predicts every frame (same model
-              as "ours" before it starts walking: same seed, same steps)
-  ours        pseudo-label propagation (tau, fine-tune steps, sliding window)
-  ours+k      ours, then the k worst frames (vs silver) are "corrected" with
-              silver and confirmed one after the other, resuming each time (k = 1, 3)
+Annotated frames: [0] and [0, 40] (silver instance masks, ids kept), directions
+``forward`` and ``both`` (with [0] alone they are the same walk). Methods, in one run:
 
-Scores: per-frame foreground IoU vs silver (frames 1..99, frame 0 is the
-annotation), vs gold on the 17 gold frames, and in instance mode (connected
-components + overlap linking) the CTC SEG measure. Run it under the shared lock:
+  copy                 each frame gets the nearest anchor's instances
+  train_only           the U-Net trained on the annotated frames predicts every frame
+                       (the same base model ``ours`` starts from), then the same
+                       instance tracker as ours
+  flow                 the nearest anchor's instances warped frame by frame along the
+                       TV-L1 optical flow (skimage.registration.optical_flow_tvl1)
+  ours                 pseudo-label propagation with the previous result as a prior,
+                       instances tracked from the annotation's ids
+  ours_3_corrections   ours, then 3 frames chosen by ``Propagator.suggest`` are replaced by
+                       silver and confirmed one after the other, resuming each time
+
+Scores: ``fg_iou`` = mean foreground IoU vs silver over the frames that were not
+annotated (a corrected frame counts with its IoU, 1.0); ``seg`` = CTC SEG vs gold on
+the 17 gold frames; ``links_correct`` = fraction of GT links (a TRA cell present in
+frames t and t+1) whose cell carries one predicted id in both frames; ``s_per_frame``
+= wall time of the method (training included) / frames it computed. Run it under the
+shared lock:
 
     flock /tmp/leakseg-bench.lock .venv/bin/python benchmarks/bench_propagate.py
 """
@@ -29,215 +38,333 @@ import tifffile
 import torch
 
 from napari_leakseg.core.jobs import run_job
-from napari_leakseg.propagate import Propagator, clean_labels, ctc_seg, foreground_iou, link_instances
+from napari_leakseg.propagate import (Propagator, clean_labels, ctc_seg, foreground_iou, link_scores,
+                                      track_instances)
+from napari_leakseg.propagate.flow import flow_propagate
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LEAKSEG_DATA", REPO / ".." / "shared" / "data")) / "timelapse" / "PhC-C2DH-U373"
 GOLD_FRAMES = [10, 17, 19, 20, 22, 26, 35, 36, 41, 49, 51, 52, 59, 74, 77, 85, 92]
+CONFIGS = [([0], "forward"), ([0, 40], "forward"), ([0, 40], "both")]
+METHODS = ["copy", "train_only", "flow", "ours", "ours_3_corrections"]
+#: the flow baseline: TV-L1 at 1/4 resolution with 3 warps × 5 iterations (0.4 s per frame here;
+#: skimage's defaults at 1/2 resolution were measured 0.315 vs 0.298 mean IoU with [0], at 2.5× the time)
+FLOW = dict(downsample=4, num_warp=3, num_iter=5)
+#: ours: the settings of the method (PropagateParams); documented in docs/propagate.md
+OURS = dict(min_size=300, steps=2)
 
 
 def load(n_frames: int):
     stack = np.stack([tifffile.imread(DATA / "02" / f"t{t:03d}.tif") for t in range(n_frames)])
-    silver = np.stack([tifffile.imread(DATA / "02_ST" / "SEG" / f"man_seg{t:03d}.tif") for t in range(n_frames)])
+    silver = np.stack([tifffile.imread(DATA / "02_ST" / "SEG" / f"man_seg{t:03d}.tif")
+                       for t in range(n_frames)]).astype(np.int32)
+    tra = np.stack([tifffile.imread(DATA / "02_GT" / "TRA" / f"man_track{t:03d}.tif")
+                    for t in range(n_frames)]).astype(np.int32)
     gold = {t: tifffile.imread(DATA / "02_GT" / "SEG" / f"man_seg{t:03d}.tif") for t in GOLD_FRAMES
             if t < n_frames}
-    return stack, silver, gold
+    return stack, silver, tra, gold
 
 
-def scores(labels, silver, gold, instances=True):
-    T = len(silver)
-    ious = [foreground_iou(labels[t], silver[t]) for t in range(T)]
-    g_ious = {t: foreground_iou(labels[t], g) for t, g in gold.items()}
-    out = {
-        "iou_per_frame": [round(v, 4) for v in ious],
-        "mean_iou_silver": float(np.mean(ious[1:])),
-        "worst_iou_silver": float(np.min(ious[1:])),
-        "worst_frame": int(1 + np.argmin(ious[1:])),
-        "mean_iou_gold": float(np.mean(list(g_ious.values()))) if g_ious else None,
-        "worst_iou_gold": float(np.min(list(g_ious.values()))) if g_ious else None,
+def score(fg, inst, silver, tra, gold, scored):
+    """fg: T×Y×X (>0 = cell), inst: T×Y×X tracked ids; ``scored`` = the non-annotated frames."""
+    ious = {t: foreground_iou(fg[t], silver[t]) for t in range(len(silver))}
+    s = n = 0.0
+    for t, g in gold.items():
+        a, b = ctc_seg(g, inst[t])
+        s, n = s + a, n + b
+    ss = sn = 0.0
+    for t in scored:
+        a, b = ctc_seg(silver[t], inst[t])
+        ss, sn = ss + a, sn + b
+    links = link_scores(tra, inst)
+    worst = min(scored, key=lambda t: ious[t])
+    return {
+        "fg_iou": float(np.mean([ious[t] for t in scored])),
+        "seg": s / max(n, 1),
+        "links_correct": links["links_correct"],
+        "fg_iou_gold": float(np.mean([foreground_iou(fg[t], g) for t, g in gold.items()])),
+        "seg_silver": ss / max(sn, 1),
+        "worst_fg_iou": ious[worst], "worst_frame": int(worst),
+        "iou_per_frame": [round(ious[t], 4) for t in range(len(silver))],
+        "n_ids": int(len(np.unique(inst)) - 1),
     }
-    if instances:
-        inst = link_instances(np.asarray(labels), min_size=100)
-        s = n = 0.0
-        for t in range(1, T):
-            a, b = ctc_seg(silver[t], inst[t])
-            s, n = s + a, n + b
-        gs = gn = 0.0
-        for t, g in gold.items():
-            a, b = ctc_seg(g, inst[t])
-            gs, gn = gs + a, gn + b
-        out["seg_silver"] = s / max(n, 1)
-        out["seg_gold"] = gs / max(gn, 1) if gold else None
-        out["n_tracks"] = int(len(np.unique(inst)) - 1)
+
+
+def nearest_copy(silver, annotated, direction):
+    T = len(silver)
+    out = np.zeros(silver.shape, np.int32)
+    for t in range(T):
+        cand = [(abs(t - a), a) for a in annotated
+                if direction == "both" or a <= t] or [(abs(t - a), a) for a in annotated]
+        out[t] = silver[min(cand)[1]]
     return out
+
+
+def run_config(stack, silver, tra, gold, annotated, direction, params, flows, bases, log):
+    T = len(stack)
+    scored = [t for t in range(T) if t not in annotated]
+    ann = np.zeros(stack.shape, np.int32)
+    for a in annotated:
+        ann[a] = silver[a]
+    anchors = {a: silver[a] for a in annotated}
+    res, times = {}, {}
+
+    copy = nearest_copy(silver, annotated, direction)
+    res["copy"] = score(copy, copy, silver, tra, gold, scored)
+    times["copy"] = 0.0
+
+    t0 = time.perf_counter()
+    flow = flow_propagate(stack, anchors, direction=direction, cache=flows, **FLOW)
+    times["flow"] = (time.perf_counter() - t0) / len(scored)
+    res["flow"] = score(flow, flow, silver, tra, gold, scored)
+    log(f"  flow {res['flow']['fg_iou']:.3f} ({times['flow']:.2f} s/frame, flows cached across configs)")
+
+    sess = Propagator(stack, ann, annotated=annotated, device="cpu", instances=True, **params)
+    key = tuple(annotated)
+    reused = key in bases  # the same anchors and seed give the same base model: train it once
+    if reused:
+        sess.trainer.new_model(sess.n_classes, sess._anchor_pool())
+        sess.model.load_state_dict(bases[key][0])
+        sess.trainer.keep_base()
+        sess.params.resume_steps, resume_steps = 0, sess.params.resume_steps
+    t0 = time.perf_counter()
+    trained = []
+    run_job(sess.iter_run(direction),
+            lambda ev: trained.append(time.perf_counter() - t0) if ev.preview is not None and not trained else None)
+    t_ours = time.perf_counter() - t0
+    if reused:  # count the training time of the base model as if it had been trained here
+        sess.params.resume_steps = resume_steps
+        trained = [bases[key][1]]
+        t_ours += bases[key][1]
+    else:
+        bases[key] = ({k: v.clone() for k, v in sess._base_state.items()}, trained[0] if trained else 0.0)
+    t1 = time.perf_counter()
+    inst = sess.instances(min_size=params.get("min_size", 30) or 30)
+    t_inst = time.perf_counter() - t1
+    times["ours"] = (t_ours + t_inst) / len(scored)
+    res["ours"] = score(np.asarray(sess.labels), inst, silver, tra, gold, scored)
+    log(f"  ours {res['ours']['fg_iou']:.3f} SEG {res['ours']['seg']:.3f} links "
+        f"{res['ours']['links_correct']:.3f} ({times['ours']:.2f} s/frame; {trained[0] if trained else 0:.0f} s "
+        f"training, {t_inst / T:.3f} s/frame instances)")
+
+    # train-only: the base model (trained on the annotated frames only) predicts every frame
+    live = {k: v.clone() for k, v in sess.model.state_dict().items()}
+    sess.model.load_state_dict(sess._base_state)
+    t1 = time.perf_counter()
+    fg = np.zeros(stack.shape, np.uint8)
+    for t in range(T):
+        if t in annotated:
+            fg[t] = silver[t] > 0
+            continue
+        pred = sess.predict_frame(t)[0]
+        fg[t] = clean_labels(pred, sess.params.min_size) if sess.params.min_size else pred
+    tinst = track_instances(fg, anchors, min_size=params.get("min_size", 30) or 30)
+    times["train_only"] = ((trained[0] if trained else 0) + time.perf_counter() - t1) / len(scored)
+    sess.model.load_state_dict(live)
+    res["train_only"] = score(fg, tinst, silver, tra, gold, scored)
+    log(f"  train_only {res['train_only']['fg_iou']:.3f} SEG {res['train_only']['seg']:.3f}")
+
+    # 3 suggested corrections, simulated with silver
+    before = [foreground_iou(sess.labels[k], silver[k]) for k in range(T)]
+    corr, t_corr, n_comp = [], 0.0, 0
+    for _ in range(3):
+        t = sess.suggest(1)[0]
+        t2 = time.perf_counter()
+        sess.resume(t, direction=direction, labels_t=silver[t])
+        t_corr += time.perf_counter() - t2
+        n_comp += len(sess.history[-1]["frames"])
+        after = [foreground_iou(sess.labels[k], silver[k]) for k in range(T)]
+        lowered = [k for k in scored if k != t and after[k] < before[k] - 1e-9]
+        corr.append({"frame": t, "recomputed": sess.history[-1]["frames"],
+                     "seconds": round(time.perf_counter() - t2, 1),
+                     "lowered": {str(k): round(before[k] - after[k], 4) for k in lowered}})
+        before = after
+        log(f"  corrected {t}: recomputed {len(corr[-1]['recomputed'])}, lowered {len(lowered)} frames "
+            f"(max {max(corr[-1]['lowered'].values(), default=0):.3f})")
+    inst = sess.instances(min_size=params.get("min_size", 30) or 30)
+    res["ours_3_corrections"] = score(np.asarray(sess.labels), inst, silver, tra, gold, scored)
+    times["ours_3_corrections"] = t_corr / max(n_comp, 1)
+    log(f"  ours_3_corrections {res['ours_3_corrections']['fg_iou']:.3f}")
+    return res, times, corr
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=100)
-    ap.add_argument("--tau", type=float, default=None)
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--init-steps", type=int, default=None)
-    ap.add_argument("--params", default="", help="extra PropagateParams as JSON")
+    ap.add_argument("--params", default="", help="PropagateParams for ours as JSON (replaces OURS keys)")
+    ap.add_argument("--configs", default="", help="e.g. '0:forward;0,40:both' (default: all three)")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--ks", default="1,3")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other configurations' rows of the existing results (run the configurations as "
+                         "separate locked runs on a loaded machine)")
+    ap.add_argument("--part", default="", help="write this run's results to PATH only (see --assemble)")
+    ap.add_argument("--assemble", nargs="+", default=None,
+                    help="merge --part files (configurations run as parallel processes) into the results")
     args = ap.parse_args(argv)
+    if args.assemble:
+        payload = {}
+        for f in args.assemble:
+            payload = merge(payload, json.loads(Path(f).read_text())) if payload else json.loads(Path(f).read_text())
+        return write_all(payload)
     if not DATA.is_dir():
         raise SystemExit(f"data not found: {DATA}")
-    stack, silver, gold = load(args.frames)
-    T = len(stack)
-    ann = np.zeros(stack.shape, np.uint8)
-    ann[0] = silver[0] > 0
-    # e.g. --params '{"min_size": 300}' drops debris and fills holes below 300 px (every method)
-    params = json.loads(args.params) if args.params else {}
-    for k, v in (("tau", args.tau), ("steps", args.steps), ("init_steps", args.init_steps)):
-        if v is not None:
-            params[k] = v
-    results: dict = {}
-    times: dict = {}
+    load0 = os.getloadavg()
+    params = {**OURS, **(json.loads(args.params) if args.params else {})}
+    configs = CONFIGS
+    if args.configs:
+        configs = [([int(a) for a in c.split(":")[0].split(",")], c.split(":")[1]) for c in args.configs.split(";")]
+    stack, silver, tra, gold = load(args.frames)
+    configs = [(a, d) for a, d in configs if max(a) < len(stack)]
+    flows: dict = {}
+    bases: dict = {}
+    # one thread: on the shared 2-core machine two OpenMP threads competing with other jobs run
+    # ~15× slower than one (measured); LEAKSEG_BENCH_THREADS=2 on a quiet machine
+    torch.set_num_threads(int(os.environ.get("LEAKSEG_BENCH_THREADS", "1")))
+    summary, details = [], {}
+    t_start = time.perf_counter()
 
-    # (1) copy
-    copy = np.repeat(ann[:1], T, 0)
-    results["copy"] = scores(copy, silver, gold)
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
-    # (3) ours, keeping the frame-0-only model for (2)
-    sess = Propagator(stack, ann, device="cpu", **params)
-    t0 = time.perf_counter()
-    base_done = []
-
-    def cb(ev):
-        if ev.preview is not None and not base_done:
-            base_done.append(time.perf_counter() - t0)
-
-    run_job(sess.iter_run("forward"), cb)
-    t_ours = time.perf_counter() - t0
-    times["ours_total_s"] = t_ours
-    times["ours_train_s"] = base_done[0] if base_done else None
-    times["ours_per_frame_s"] = t_ours / (T - 1)
-    ours_labels = np.array(sess.labels, copy=True)
-    results["ours"] = scores(ours_labels, silver, gold)
-    print(f"ours: mean IoU {results['ours']['mean_iou_silver']:.3f} in {t_ours:.0f}s", flush=True)
-
-    # (2) train-only: the same model before propagation, predicting every frame
-    live = {k: v.clone() for k, v in sess.model.state_dict().items()}
-    sess.model.load_state_dict(sess._base_state)
-    t1 = time.perf_counter()
-    train_only = np.zeros_like(ours_labels)
-    train_only[0] = ann[0]
-    for t in range(1, T):
-        pred = sess.predict_frame(t)[0]
-        train_only[t] = clean_labels(pred, sess.params.min_size) if sess.params.min_size else pred
-    times["train_only_predict_per_frame_s"] = (time.perf_counter() - t1) / (T - 1)
-    sess.model.load_state_dict(live)
-    results["train-only"] = scores(train_only, silver, gold)
-
-    # (4) simulated corrections: fix the worst frame, confirm, resume; repeat
-    ks = [int(k) for k in args.ks.split(",") if k]
-    resume_times = []
-    resumed_frames = []
-    cur_ious = results["ours"]["iou_per_frame"]
-    for k in range(1, max(ks, default=0) + 1):
-        cand = [t for t in range(T) if sess.status[t] == "pseudo"]
-        worst = min(cand, key=lambda t: cur_ious[t])
-        n_before = len(sess.resume_frames(worst)) - 1
-        t2 = time.perf_counter()
-        sess.resume(worst, labels_t=(silver[worst] > 0).astype(np.uint8))
-        resume_times.append(time.perf_counter() - t2)
-        resumed_frames.append({"corrected": worst, "recomputed": n_before, "seconds": resume_times[-1]})
-        sc = scores(np.asarray(sess.labels), silver, gold, instances=k in ks)
-        cur_ious = sc["iou_per_frame"]
-        if k in ks:
-            results[f"ours+{k}"] = sc
-            print(f"ours+{k}: mean IoU {sc['mean_iou_silver']:.3f} (corrected {worst})", flush=True)
-    times["resumes"] = resumed_frames
-
-    # ------------------------------------------------------------------ report
-    order = ["copy", "train-only", "ours"] + [f"ours+{k}" for k in ks if f"ours+{k}" in results]
-    head = f"{'method':<12} {'mean IoU':>9} {'worst':>6} {'gold mean':>9} {'gold worst':>10} {'SEG silver':>10} {'SEG gold':>8}"
-    print(head)
-    for m in order:
-        r = results[m]
-        f = lambda v, w: f"{v:{w}.3f}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
-        print(f"{m:<12} {f(r['mean_iou_silver'], 9)} {f(r['worst_iou_silver'], 6)} {f(r['mean_iou_gold'], 9)} "
-              f"{f(r['worst_iou_gold'], 10)} {f(r['seg_silver'], 10)} {f(r['seg_gold'], 8)}")
-    print(f"time: {times['ours_per_frame_s']:.2f} s/frame for ours (incl. {times['ours_train_s'] or 0:.0f}s "
-          f"initial training), torch threads {torch.get_num_threads()}")
-    r3, r2, r1 = results["ours"], results["train-only"], results["copy"]
-    targets = {
-        "ours_beats_train_only_by_0.05": r3["mean_iou_silver"] >= r2["mean_iou_silver"] + 0.05,
-        "train_only_beats_copy": r2["mean_iou_silver"] > r1["mean_iou_silver"],
-        "ours_mean_iou_ge_0.85": r3["mean_iou_silver"] >= 0.85,
-        "k3_mean_iou_ge_0.90": results.get("ours+3", {}).get("mean_iou_silver", 0) >= 0.90,
-        "le_3s_per_frame": times["ours_per_frame_s"] <= 3.0,
-    }
+    for annotated, direction in configs:
+        log(f"annotated {annotated}, {direction}")
+        res, times, corr = run_config(stack, silver, tra, gold, annotated, direction, params, flows, bases, log)
+        key = f"{','.join(map(str, annotated))}:{direction}"
+        details[key] = {"scores": res, "s_per_frame": times, "corrections": corr}
+        for m in METHODS:
+            summary.append({"annotated": annotated, "direction": direction, "method": m,
+                            "fg_iou": round(res[m]["fg_iou"], 4), "seg": round(res[m]["seg"], 4),
+                            "links_correct": round(res[m]["links_correct"], 4),
+                            "s_per_frame": round(times[m], 3)})
+    print(f"{'annotated':<9} {'dir':<8} {'method':<19} {'fg IoU':>7} {'SEG':>6} {'links':>6} {'s/frame':>8}")
+    for r in summary:
+        print(f"{','.join(map(str, r['annotated'])):<9} {r['direction']:<8} {r['method']:<19} {r['fg_iou']:7.3f} "
+              f"{r['seg']:6.3f} {r['links_correct']:6.3f} {r['s_per_frame']:8.3f}")
+    targets = check_targets(summary)
     print("targets:", json.dumps(targets))
     payload = {
-        "dataset": "PhC-C2DH-U373/02 (CTC), frames 0..%d, frame 0 annotated (silver, binarised)" % (T - 1),
-        "params": sess.metadata()["train"],
-        "results": results,
-        "times": times,
+        "summary": summary,
+        "dataset": f"PhC-C2DH-U373/02 (CTC), frames 0..{len(stack) - 1}, 696×520; fg IoU vs silver "
+                   "(02_ST/SEG), SEG vs gold (02_GT/SEG, 17 frames), links vs 02_GT/TRA",
+        "params_ours": params,
+        "details": details,
         "targets": targets,
+        "total_s": round(time.perf_counter() - t_start, 1),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
+                    "torch_threads": torch.get_num_threads(), "loadavg_at_start": load0,
                     "loadavg_at_end": os.getloadavg()},
     }
     if args.no_write:
         return payload
-    (REPO / "benchmarks" / "results").mkdir(parents=True, exist_ok=True)
-    (REPO / "benchmarks" / "results" / "propagate.json").write_text(json.dumps(payload, indent=1))
-    plot(results, order, REPO / "docs" / "images" / "propagate_iou.png")
-    write_md(payload, order, REPO / "docs" / "benchmarks" / "propagate.md")
+    if args.part:
+        Path(args.part).write_text(json.dumps(payload, indent=1))
+        return payload
+    out = REPO / "benchmarks" / "results" / "propagate.json"
+    if args.merge and out.exists():
+        payload = merge(json.loads(out.read_text()), payload)
+    return write_all(payload)
+
+
+def write_all(payload):
+    out = REPO / "benchmarks" / "results" / "propagate.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+    plot(payload["details"], REPO / "docs" / "images" / "propagate_iou.png")
+    write_md(payload, REPO / "docs" / "benchmarks" / "propagate.md")
     return payload
 
 
-def plot(results, order, path):
+def merge(old: dict, new: dict) -> dict:
+    """The new run's configurations replace the old ones; the others are kept (with their machine record)."""
+    if "details" not in old:
+        return new
+    keys = set(new["details"])
+    runs = [r for r in old.get("runs", [old.get("machine", {})]) if r]
+    details = {**{k: v for k, v in old["details"].items() if k not in keys}, **new["details"]}
+    order = [f"{','.join(map(str, a))}:{d}" for a, d in CONFIGS]
+    details = {k: details[k] for k in sorted(details, key=lambda k: order.index(k) if k in order else 99)}
+    summary = [r for r in old["summary"] if f"{','.join(map(str, r['annotated']))}:{r['direction']}" not in keys]
+    summary += new["summary"]
+    summary.sort(key=lambda r: (order.index(f"{','.join(map(str, r['annotated']))}:{r['direction']}"),
+                                METHODS.index(r["method"])))
+    out = {**new, "summary": summary, "details": details, "targets": check_targets(summary),
+           "total_s": round(old.get("total_s", 0) + new["total_s"], 1),
+           "runs": runs + [{**new["machine"], "configs": sorted(keys), "total_s": new["total_s"]}]}
+    return out
+
+
+def check_targets(summary) -> dict:
+    def row(ann, d, m):
+        return next((r for r in summary if r["annotated"] == ann and r["direction"] == d and r["method"] == m), None)
+
+    out = {}
+    for ann, d in CONFIGS:
+        o, tr, fl = row(ann, d, "ours"), row(ann, d, "train_only"), row(ann, d, "flow")
+        if o is None:
+            continue
+        tag = f"{','.join(map(str, ann))}:{d}"
+        out[f"{tag} ours >= train_only + 0.05"] = o["fg_iou"] >= tr["fg_iou"] + 0.05
+        out[f"{tag} ours >= flow"] = o["fg_iou"] >= fl["fg_iou"]
+        out[f"{tag} SEG >= 0.75"] = o["seg"] >= 0.75
+        out[f"{tag} <= 1 s/frame"] = o["s_per_frame"] <= 1.0
+        c = row(ann, d, "ours_3_corrections")
+        out[f"{tag} 3 corrections >= 0.90"] = c["fg_iou"] >= 0.90
+    o = row([0], "forward", "ours")
+    if o is not None:
+        out["0:forward ours >= 0.85"] = o["fg_iou"] >= 0.85
+    return out
+
+
+def plot(details, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
-    for m in order:
-        ax.plot(results[m]["iou_per_frame"], label=f"{m} ({results[m]['mean_iou_silver']:.3f})", lw=1.3)
-    ax.set_xlabel("frame")
-    ax.set_ylabel("foreground IoU vs silver")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left", ncol=2)
-    ax.set_title("PhC-C2DH-U373/02: frame 0 annotated")
+    fig, axes = plt.subplots(len(details), 1, figsize=(8, 2.8 * len(details)), dpi=100, squeeze=False)
+    for ax, (key, d) in zip(axes[:, 0], details.items()):
+        for m in METHODS:
+            r = d["scores"][m]
+            ax.plot(r["iou_per_frame"], label=f"{m} ({r['fg_iou']:.3f})", lw=1.2)
+        ax.set_ylim(0, 1.02)
+        ax.set_ylabel("fg IoU (silver)")
+        ax.set_title(f"PhC-C2DH-U373/02, annotated {key}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left", ncol=3)
+    axes[-1, 0].set_xlabel("frame")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
 
 
-def write_md(p, order, path):
-    r = p["results"]
-    t = p["times"]
+def write_md(p, path):
     lines = [
         "## Time-series label propagation (PhC-C2DH-U373)",
         "",
-        f"{p['dataset']}. Foreground IoU per frame over frames 1–{len(r['copy']['iou_per_frame']) - 1}; "
-        "gold = the 17 human-annotated frames; SEG = Cell Tracking Challenge SEG after instance "
-        "splitting (connected components) and overlap linking. `ours+k`: the k worst frames were "
-        "replaced by silver and confirmed one at a time, resuming after each (a simulated user); "
-        "the corrected frames count with IoU 1 vs silver.",
+        f"{p['dataset']}. Frames with instance ids annotated (silver): [0] or [0, 40]; "
+        "`fg IoU` = mean over the frames that were not annotated; `SEG` = Cell Tracking Challenge SEG "
+        "of the tracked instances vs gold; `links` = fraction of ground-truth links (a cell in frames t and "
+        "t+1) whose cell keeps one predicted id; `s/frame` = the method's wall time (training included) per "
+        "computed frame. `ours_3_corrections`: 3 frames chosen by `Propagator.suggest` replaced by silver "
+        "and confirmed one after the other, resuming each time (corrected frames count with IoU 1.0).",
         "",
-        "| method | mean IoU (silver) | worst IoU | mean IoU (gold) | worst (gold) | SEG (silver) | SEG (gold) |",
+        "| annotated | direction | method | fg IoU | SEG | links | s/frame |",
         "|---|---|---|---|---|---|---|",
     ]
-    for m in order:
-        x = r[m]
-        lines.append(f"| {m} | {x['mean_iou_silver']:.3f} | {x['worst_iou_silver']:.3f} (frame {x['worst_frame']}) | "
-                     f"{x['mean_iou_gold']:.3f} | {x['worst_iou_gold']:.3f} | {x['seg_silver']:.3f} | {x['seg_gold']:.3f} |")
+    for r in p["summary"]:
+        lines.append(f"| {r['annotated']} | {r['direction']} | {r['method']} | {r['fg_iou']:.3f} | {r['seg']:.3f} | "
+                     f"{r['links_correct']:.3f} | {r['s_per_frame']:.2f} |")
+    lines += ["", "Corrections (frame chosen → frames recomputed; frames whose IoU went down):", ""]
+    for key, d in p["details"].items():
+        parts = [f"{c['frame']} → {len(c['recomputed'])} frames, {len(c['lowered'])} lowered"
+                 + (f" (max −{max(c['lowered'].values()):.3f})" if c["lowered"] else "") for c in d["corrections"]]
+        lines.append(f"* {key}: " + "; ".join(parts))
+    m = p["machine"]
     lines += [
         "",
-        f"Time: {t['ours_per_frame_s']:.2f} s per frame for `ours` over the whole run "
-        f"({t['ours_total_s']:.0f} s for {len(r['copy']['iou_per_frame']) - 1} frames, including "
-        f"{t['ours_train_s'] or 0:.0f} s of initial training on frame 0), CPU, torch threads "
-        f"{p['machine']['torch_threads']}, load average at the end {p['machine']['loadavg_at_end'][0]:.1f} "
-        "(the machine is shared). Resumes: "
-        + "; ".join(f"frame {x['corrected']}: {x['recomputed']} frames in {x['seconds']:.0f} s" for x in t["resumes"])
-        + ".",
+        f"Total {p['total_s']:.0f} s, CPU, torch threads {m['torch_threads']}, load average at start "
+        f"{m['loadavg_at_start'][0]:.1f}, at the end {m['loadavg_at_end'][0]:.1f} (the machine is shared). "
+        f"Settings of ours: `{json.dumps(p['params_ours'])}` (other parameters at their defaults).",
         "",
         "Targets: " + ", ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in p["targets"].items()) + ".",
         "",

@@ -129,11 +129,12 @@ def test_resume_recomputes_only_between_anchors(data):
     assert sess.resume_frames(3) == [1, 2, 4, 5]
     seen = []
     sess.resume(3, callback=lambda e: seen.append(e.preview[0]) if e.preview else None)
-    assert sorted(seen) == [1, 2, 4, 5]
-    assert sess.history[-1]["kind"] == "resume" and sess.history[-1]["frames"] == [1, 2, 4, 5]
+    # the walks from the correction own the frames nearer to it than to anchors 0 and 6
+    assert sorted(seen) == [2, 4]
+    assert sess.history[-1]["kind"] == "resume" and sess.history[-1]["frames"] == [2, 4]
     np.testing.assert_array_equal(sess.labels[3], fix)
     assert sess.status[3] == "confirmed"
-    for t in (0, 6, 7):  # anchors and frames beyond the next anchor are untouched
+    for t in (0, 1, 5, 6, 7):  # anchors, frames nearer to another anchor, beyond: untouched
         np.testing.assert_array_equal(sess.labels[t], before[t])
         np.testing.assert_array_equal(sess.confidence[t], conf_before[t])
     # forward-only resume touches only the frames after t

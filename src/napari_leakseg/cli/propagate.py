@@ -36,8 +36,9 @@ def register(sub) -> None:
                    help="propagation direction from each annotated frame (default both)")
     p.add_argument("--instances", action="store_true",
                    help="instance mode: binarise labels, split cells and link ids through time")
-    p.add_argument("--split", choices=("cc", "watershed"), default="cc",
-                   help="instance split: connected components or watershed (default cc)")
+    p.add_argument("--split", choices=("track", "cc", "watershed"), default="track",
+                   help="instances: 'track' grows each frame's cells from the previous frame's, ids from the "
+                        "annotation (default); 'cc'/'watershed' split each frame on its own and link by overlap")
     p.add_argument("--min-size", type=int, default=30, help="smallest instance in pixels (default 30)")
     p.add_argument("--ctc-dir", default=None,
                    help="also write Cell Tracking Challenge results (mask%%03d.tif + res_track.txt) here "
@@ -95,9 +96,13 @@ def run(args) -> int:
 
                 inst_out = zarr.open_array(f"{work}/inst.zarr", mode="w", shape=tuple(result.shape),
                                            chunks=(1,) + tuple(result.shape[1:]), dtype="uint32")
-            result, _ = common.run_with_progress(
-                iter_link_instances(result, out=inst_out, method=args.split, min_size=args.min_size),
-                quiet=args.quiet)
+            if args.split == "track":
+                result = common.run_with_progress(sess.iter_instances(out=inst_out, min_size=args.min_size),
+                                                  quiet=args.quiet)
+            else:
+                result, _ = common.run_with_progress(
+                    iter_link_instances(result, out=inst_out, method=args.split, min_size=args.min_size),
+                    quiet=args.quiet)
         if lazy:
             import dask.array as da
 

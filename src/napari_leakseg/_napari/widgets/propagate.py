@@ -6,7 +6,9 @@ fills in frame by frame; "propagation confidence" shows the per-frame
 confidence. Stop at a wrong frame, fix it with the brush in "propagated
 labels", press *Confirm current frame* (or just *Resume from current frame*:
 frames you painted since the last run are confirmed automatically and never
-overwritten). The status list shows every frame's status; click one to jump there.
+overwritten). The status list shows every frame's status; click one to jump there;
+*Suggest frame to check* jumps to the frame where a correction helps most. In
+instance mode "propagated instances" holds cells whose ids follow them through time.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class PropagateWidget(JobWidget):
                                              tooltip="confirm edited frames, then recompute from here")
         self.confirm_button = self.add_button("Confirm current frame", self.confirm_current, runs_job=False,
                                               tooltip="this frame is right: never modify it")
+        self.suggest_button = self.add_button(
+            "Suggest frame to check", self.suggest_next, runs_job=False,
+            tooltip="jump to the frame where the network is least sure or disagrees most with the previous frame")
         self.finish_layout()
         self.status_list = QListWidget()
         self.status_list.setMaximumHeight(180)
@@ -202,9 +207,8 @@ class PropagateWidget(JobWidget):
         self._sync_edits()
         self.refresh_status()
         if sess is not None and self.instances.value and not cancelled:
-            from ...propagate import link_instances
-
-            inst = link_instances(sess.labels)
+            # cells keep the annotation's ids through time (tracked, touching cells kept apart)
+            inst = sess.instances()
             write_layer(self.viewer, self.OUT_INST, inst, "labels", source=self.image.value)
 
     # ------------------------------------------------------------- actions
@@ -248,4 +252,19 @@ class PropagateWidget(JobWidget):
                 "annotated", "confirmed"):
             self._last[t] = lab
         self.refresh_status()
+        return t
+
+    def suggest_next(self) -> Optional[int]:
+        """Jump to the pseudo frame most worth checking (see ``Propagator.suggest``)."""
+        if self.session is None:
+            notify_info(f"{self.title}: run a propagation first")
+            return None
+        picks = self.session.suggest(1)
+        if not picks:
+            notify_info(f"{self.title}: no propagated frame left to check")
+            return None
+        t = picks[0]
+        self.viewer.dims.set_current_step(0, t)
+        self.status.value = (f"check frame {t}: {100 * self.session.uncertain[t]:.0f}% unsure, "
+                             f"{100 * self.session.disagreement[t]:.0f}% changed from its neighbour")
         return t

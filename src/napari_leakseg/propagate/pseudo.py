@@ -1,0 +1,60 @@
+"""Pseudo-labels: the network's prediction fused with the previous frame's result,
+kept where confident, and a few frame-level cues of where the walk is unsure."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .common import Sample
+
+
+def one_hot(lab: np.ndarray, n_classes: int) -> np.ndarray:
+    """(K, y, x) float32 one-hot of a label map (values ≥ K count as background)."""
+    lab = np.asarray(lab)
+    out = np.zeros((n_classes,) + lab.shape, np.float32)
+    for k in range(n_classes):
+        out[k] = lab == k
+    return out
+
+
+def fuse(prob: np.ndarray, prior: Optional[np.ndarray], weight: float) -> np.ndarray:
+    """``(1 - weight)·prob + weight·prior``: the previous frame's result as a prior.
+
+    Cells move little between frames, so the previous result is a strong guess
+    where the network hesitates; where the network is sure it wins.
+    """
+    if prior is None or weight <= 0 or prior.shape != prob.shape:
+        return prob
+    return (1.0 - weight) * prob + weight * prior
+
+
+def pseudo_sample(t: int, img_ds: np.ndarray, prob: np.ndarray, tau: float,
+                  target: Optional[np.ndarray] = None) -> Sample:
+    """A training sample from a propagated frame: the argmax (or ``target``) where the
+    confidence is ≥ ``tau``, ignored (-1) elsewhere, weighted by the confidence."""
+    conf = prob.max(0)
+    tgt = np.argmax(prob, 0).astype(np.int64) if target is None else np.asarray(target).astype(np.int64)
+    tgt = np.where(conf >= tau, tgt, -1)
+    return Sample(int(t), img_ds, tgt, conf.astype(np.float32), False)
+
+
+def frame_cues(prob_net: np.ndarray, prior: Optional[np.ndarray], tau: float) -> dict:
+    """Per-frame cues for suggesting corrections.
+
+    ``uncertain``: the fraction of the (predicted or previous) foreground where the
+    network's confidence is below ``tau``; ``disagreement``: 1 − foreground IoU of
+    the network's own prediction and the previous frame's result.
+    """
+    fg = np.argmax(prob_net, 0) > 0
+    low = prob_net.max(0) < tau
+    out = {"uncertain": 0.0, "disagreement": 0.0}
+    if prior is not None and prior.shape == prob_net.shape:
+        pf = np.argmax(prior, 0) > 0
+        union = (fg | pf).sum()
+        out["disagreement"] = float(1.0 - (fg & pf).sum() / union) if union else 0.0
+        fg = fg | pf
+    area = max(int(fg.sum()), 1)
+    out["uncertain"] = float((low & (fg | low)).sum() / area)
+    return out

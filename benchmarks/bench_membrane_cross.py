@@ -309,6 +309,8 @@ def fragment(extra, rows):
     cfg = extra["config"]
     steps = sorted({i["steps"] for i in extra["runs"]})
     budget = f"{'/'.join(map(str, steps))} steps" if cfg.get("train_steps") or len(steps) else ""
+    cpu = all("train_cpu_seconds" in i for i in extra["runs"])
+    train_col = "train CPU s" if cpu else "train wall s"
     train_total = sum(i.get("train_cpu_seconds", i["train_seconds"]) for i in extra["runs"])
     lines = [
         "## Membrane on a stack the model never saw (leave one stack out)",
@@ -342,6 +344,25 @@ def fragment(extra, rows):
     for m in METHODS:
         lines.append(f"| {m} | {_mean(rows, m, 'f1'):.3f} | {_mean(rows, m, 'are'):.3f} | "
                      f"{_mean(rows, m, 'seconds'):.1f} |")
+    lines += ["", "The issue's targets, per target (mean over k = 1, 2):", "",
+              "| target | refs − no_refs F1 | refs − finetune F1 | refs s / finetune s | refs − forest F1 |",
+              "|---|---|---|---|---|"]
+    tg = [t for t in TARGETS if any(r["target"] == t for r in rows)]
+    for t in tg:
+        sub = [r for r in rows if r["target"] == t]
+        f = {m: _mean(sub, m, "f1") for m in METHODS}
+        sec = {m: _mean(sub, m, "seconds") for m in METHODS}
+        lines.append(f"| {t} | {f['refs'] - f['no_refs']:+.3f} | {f['refs'] - f['finetune']:+.3f} | "
+                     f"{sec['refs'] / sec['finetune']:.2f} | {f['refs'] - f['forest']:+.3f} |")
+    d_na = _mean(rows, "refs", "f1") - _mean(rows, "no_refs", "f1")
+    d_ft = _mean(rows, "refs", "f1") - _mean(rows, "finetune", "f1")
+    d_rf = _mean(rows, "refs", "f1") - _mean(rows, "forest", "f1")
+    better = sum(_mean([r for r in rows if r["target"] == t], "refs", "f1")
+                 > _mean([r for r in rows if r["target"] == t], "no_refs", "f1") for t in tg)
+    lines += ["", f"* (b) ≥ (a) + 0.05 averaged and better on each: {d_na:+.3f}, better on {better}/{len(tg)} "
+              f"targets — **{'met' if d_na >= 0.05 and better == len(tg) else 'not met'}**.",
+              f"* (b) ≥ (c) − 0.01 at a tenth of its time: {d_ft:+.3f} — **{'met' if d_ft >= -0.01 else 'not met'}**.",
+              f"* (b) > (d): {d_rf:+.3f} — **{'met' if d_rf > 0 else 'not met'}**.", ""]
     lines += ["", "Extra rows (same run; not in the summary JSON):", "",
               "| target | k | variant | F1 ↑ | ARE ↓ | seconds |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -349,7 +370,7 @@ def fragment(extra, rows):
             lines.append(f"| {r['target']} | {r['k']} | {r['method']} | {r['f1']:.3f} | {r['are']:.3f} | "
                          f"{r['seconds']:.1f} |")
     lines += ["", "Scale and polarity read from the references, and the training runs:", "",
-              "| target | trained on | train CPU s | steps | training width px | k | ref width px | scale | inverted |",
+              f"| target | trained on | {train_col} | steps | training width px | k | ref width px | scale | inverted |",
               "|---|---|---|---|---|---|---|---|---|"]
     for info in extra["runs"]:
         for r in rows:
@@ -364,7 +385,8 @@ def fragment(extra, rows):
               f"for the four targets in parallel processes, merged with `--merge`; CPU, "
               f"{extra['runs'][0]['threads']} torch thread(s); load average at the start: {loads} (the machine was "
               "shared with other jobs; CPU seconds are little affected, wall times would be). Training: "
-              f"{budget} per held-out target, {train_total:.0f} CPU s for the {len(extra['runs'])} networks together "
+              f"{budget} per held-out target, {train_total:.0f} {'CPU' if cpu else 'wall (CPU time not recorded; the four trained in parallel at load ≈ 14)'} s "
+              f"for the {len(extra['runs'])} networks together "
               "(trained beforehand with `--train-only`, the evaluation runs used `--models`; the issue allows 15 min "
               "for training on all stacks).", ""]
     return "\n".join(lines)

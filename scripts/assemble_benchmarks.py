@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["summary", "runtime", "scribble", "scribble_forest", "membrane", "membrane_diagnosis", "restore", "propagate", "scale", "device"]
+ORDER = ["summary", "runtime", "scribble", "scribble_forest", "membrane", "membrane_diagnosis", "membrane_cross", "restore",
+         "propagate", "scale", "device"]
 
 HEADER = """# Benchmarks
 

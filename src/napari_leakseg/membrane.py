@@ -29,10 +29,12 @@ forgotten after training; they are *references* at prediction time.
 Outputs: probability map, binary membrane mask and cell instances (watershed of
 the probability seeded by non-membrane components, with a minimum size).
 
-Label convention: pixels equal to ``membrane_value`` are membrane. With
-``membrane_value != 0`` (napari style, e.g. 1 = membrane, 2 = cell), 0 is
-*unlabeled* and ignored; with ``membrane_value == 0`` (ISBI 2012 style,
-0 = membrane, 255 = cell) every pixel is labelled.
+Label convention: pixels equal to ``membrane_value`` are membrane. A binary
+mask ``{0, membrane_value}`` (0/1, 0/255) is membrane vs not membrane; with a
+third value (napari style, e.g. 1 = membrane, 2 = cell) 0 is *unlabeled* and
+ignored; with ``membrane_value == 0`` (ISBI 2012 style, 0 = membrane, 255 =
+cell) every pixel is labelled. Other label maps (instance ids, a membrane
+value that does not occur) are refused with the values found.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ __all__ = [
     "prepare_references",
     "iter_train_membrane",
     "train_membrane",
+    "iter_finetune_membrane",
+    "finetune_membrane",
+    "membrane_width",
     "iter_predict_membrane",
     "predict_membrane",
     "cells_from_probability",
@@ -222,13 +227,39 @@ def sample_keys(emb: torch.Tensor, lab: torch.Tensor, k: int, generator=None):
 # --------------------------------------------------------------------------- labels / inputs
 
 
+def _values_text(vals: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(v)) for v in vals[:limit])
+    return shown + (f", ... ({vals.size} distinct values)" if vals.size > limit else "")
+
+
 def membrane_mask_from_labels(lab, membrane_value: int = 1, name: str = "labels") -> np.ndarray:
-    """float32 map: 1 = membrane, 0 = cell, NaN = unlabeled (only when membrane_value != 0)."""
+    """float32 map: 1 = membrane, 0 = cell, NaN = unlabeled.
+
+    Accepted label maps (anything else is refused, naming the values found):
+
+    * ``membrane_value == 0`` (ISBI style): 0 = membrane and one other value = cell.
+    * a binary mask ``{0, membrane_value}`` (e.g. 0/1 or 0/255): membrane_value = membrane,
+      0 = not membrane (cell); every pixel is labelled.
+    * ``{0, membrane_value, c}`` (napari style, e.g. 1 = membrane, 2 = cell): 0 = unlabeled.
+    * ``{membrane_value, c}``: c = cell.
+    """
     a = check_labels(lab, name=name)
     mv = int(membrane_value)
+    vals = np.unique(a)
+    if mv not in vals:
+        raise InputError(
+            f"{name} has no membrane pixels (no pixel equals the membrane value {mv}); values found: "
+            f"{_values_text(vals)}. Set the membrane value to the label of membrane "
+            "(e.g. 0 for ISBI-style 0/255 labels, 255 for 0/255 membrane masks, 1 for 0/1 masks)")
+    cell_vals = vals[(vals != mv) & (vals != 0)] if mv != 0 else vals[vals != 0]
+    if cell_vals.size > 1:
+        raise InputError(
+            f"{name} has {vals.size} distinct values ({_values_text(vals)}) but membrane labels hold the "
+            f"membrane value {mv}, at most one cell value and 0 (unlabeled); instance labels must be "
+            "converted to a membrane mask first")
     out = np.where(a == mv, 1.0, 0.0).astype(np.float32)
-    if mv != 0:
-        out[a == 0] = np.nan
+    if mv != 0 and cell_vals.size == 1:
+        out[a == 0] = np.nan  # {0, membrane, cell}: 0 = unlabeled
     return out
 
 
@@ -238,11 +269,11 @@ def _check_fractions(m: np.ndarray, name: str, raw, membrane_value: int) -> None
     if n == 0:
         raise InputError(f"{name} has no labelled pixels (all 0 = unlabeled)")
     nm = int(np.nansum(m))
-    vals = np.unique(np.asarray(raw))[:8]
     if nm == 0:
+        vals = np.unique(np.asarray(raw))
         raise InputError(
-            f"{name} has no membrane pixels (value {membrane_value}); values present: "
-            f"{', '.join(str(int(v)) for v in vals)}. Set the membrane value (e.g. 0 for ISBI-style 0/255 labels)"
+            f"{name} has no membrane pixels (value {membrane_value}); values found: {_values_text(vals)}. "
+            "Set the membrane value (e.g. 0 for ISBI-style 0/255 labels)"
         )
     if nm == n:
         raise InputError(
@@ -322,6 +353,90 @@ def intensity_scale_warning(target_range, ref_ranges, factor: float = 4.0) -> Op
     return None
 
 
+# --------------------------------------------------------------------------- scale / polarity
+
+
+def membrane_width(masks) -> float:
+    """Mean membrane width in pixels of annotated masks: membrane area / skeleton length.
+
+    ``masks``: float maps (1 = membrane, 0 = cell, NaN = unlabeled), as from
+    :func:`membrane_mask_from_labels`. A 1-px line gives 1, a 6-px band about 6.
+    """
+    from skimage.morphology import skeletonize
+
+    area = length = 0
+    for m in masks:
+        mem = np.nan_to_num(np.asarray(m, np.float32), nan=0.0) > 0.5
+        area += int(mem.sum())
+        length += int(skeletonize(mem).sum())
+    if length == 0:
+        raise InputError("the labels have no membrane pixels to measure the membrane width from")
+    return max(1.0, area / length)
+
+
+def membrane_polarity(pairs) -> float:
+    """Mean normalised intensity of membrane minus cell pixels: < 0 dark membranes (EM), > 0 bright walls."""
+    mem, cel = [], []
+    for img, m in pairs:
+        mem.append(float(np.mean(img[m == 1])))
+        cel.append(float(np.mean(img[m == 0])))
+    return float(np.mean(mem) - np.mean(cel))
+
+
+def rescale_pair(img: np.ndarray, m: np.ndarray, factor: float):
+    """Zoom an image (linear) and its mask (nearest, NaN kept) by ``factor``."""
+    if abs(factor - 1) < 0.02:
+        return img, m
+    zi = ndi.zoom(np.asarray(img, np.float32), factor, order=1)
+    zm = ndi.zoom(np.nan_to_num(m, nan=-1.0), factor, order=0)
+    return zi.astype(np.float32), np.where(zm < 0, np.nan, zm).astype(np.float32)
+
+
+def _resize_to(a: np.ndarray, shape) -> np.ndarray:
+    """Linear resize of a 2D float map to ``shape`` (exact output shape)."""
+    a = np.asarray(a, np.float32)
+    if a.shape == tuple(shape):
+        return a
+    out = ndi.zoom(a, (shape[0] / a.shape[0], shape[1] / a.shape[1]), order=1)
+    if out.shape != tuple(shape):  # zoom rounding: pad/crop by at most a pixel
+        out = np.pad(out, [(0, max(0, s - o)) for s, o in zip(shape, out.shape)], mode="edge")
+        out = out[: shape[0], : shape[1]]
+    return out.astype(np.float32)
+
+
+def training_sets(images=None, labels=None, membrane_value: int = 1, sets=None):
+    """Normalise the training inputs to a list of (images, labels, membrane_value) sets."""
+    out = []
+    if images is not None or labels is not None:
+        out.append((images, labels, int(membrane_value)))
+    for i, st in enumerate(sets or []):
+        if isinstance(st, dict):
+            st = (st.get("images"), st.get("labels"), st.get("membrane_value", membrane_value))
+        if len(st) != 3:
+            raise InputError(f"training set {i} must be (images, labels, membrane_value)")
+        out.append((st[0], st[1], int(st[2])))
+    if not out:
+        raise InputError("no training images given: at least 1 image with its labels is needed")
+    return out
+
+
+def _prepare_stacks(sets, width: Optional[float] = None):
+    """Per set: validated pairs, membrane width and polarity; every set rescaled to the common
+    width (default: the median of the sets' widths) and inverted to dark membranes."""
+    stacks = []
+    for i, (ims, lbs, mv) in enumerate(sets):
+        what = "training" if len(sets) == 1 else f"training set {i}"
+        pairs, _ = prepare_references(ims, lbs, mv, what=what)
+        stacks.append(dict(pairs=pairs, membrane_value=mv, width=membrane_width([m for _, m in pairs]),
+                           polarity=membrane_polarity(pairs)))
+    W = float(width) if width else float(np.median([s["width"] for s in stacks]))
+    for s in stacks:
+        s["scale"] = W / s["width"]
+        s["invert"] = s["polarity"] > 0
+        s["pairs"] = [rescale_pair(1 - im if s["invert"] else im, m, s["scale"]) for im, m in s["pairs"]]
+    return stacks, W
+
+
 # --------------------------------------------------------------------------- augmentation
 
 
@@ -353,7 +468,7 @@ def augment(img: np.ndarray, lab: np.ndarray, rng: np.random.Generator, elastic:
     # intensity: gamma on [0,1], contrast/brightness, noise
     x = np.clip(img, 0, 1)
     x = x ** float(np.exp(rng.normal(0, 0.25)))
-    x = x * float(rng.uniform(0.8, 1.2)) + float(rng.normal(0, 0.08))
+    x = x * float(rng.uniform(0.7, 1.3)) + float(rng.normal(0, 0.1))
     if rng.random() < 0.3:
         x = x + rng.normal(0, rng.uniform(0.0, 0.06), x.shape).astype(np.float32)
     return x.astype(np.float32), lab
@@ -480,8 +595,8 @@ class TrainedMembrane:
         return store.save(self.state_dict(), path, self.metadata, overwrite=overwrite)
 
 
-def _metadata(arch: dict, train: dict, membrane_value: int) -> dict:
-    return {
+def _metadata(arch: dict, train: dict, membrane_value: int, stacks=None, width=None) -> dict:
+    meta = {
         "capability": CAPABILITY,
         "arch": dict(arch),
         "train": dict(train),
@@ -489,13 +604,48 @@ def _metadata(arch: dict, train: dict, membrane_value: int) -> dict:
         "membrane_value": int(membrane_value),
         "output": "membrane probability (1 = membrane)",
     }
+    if stacks is not None:
+        meta["train_width"] = float(width)
+        meta["sets"] = [dict(n_images=len(st["pairs"]), membrane_value=int(st["membrane_value"]),
+                             width=round(float(st["width"]), 3), polarity=round(float(st["polarity"]), 4))
+                        for st in stacks]
+        if len(stacks) == 1:
+            # a single set (or a fine-tune): new images of it are read at its scale and polarity
+            meta["input_scale"] = float(stacks[0]["scale"])
+            meta["input_invert"] = bool(stacks[0]["invert"])
+    return meta
+
+
+def _episode_crop(pair, size: int, zoom: float, rng):
+    """A random crop of ``size / zoom`` pixels resized to ``size`` (scale augmentation)."""
+    src = max(8, int(round(size / zoom)))
+    img, lab, _ = _random_crop(*pair, src, rng)
+    if src != size:
+        img = _resize_to(img, (size, size))
+        lab_f = ndi.zoom(np.nan_to_num(lab, nan=-1.0), size / src, order=0)
+        lab_f = np.pad(lab_f, [(0, max(0, size - d)) for d in lab_f.shape], mode="edge")[:size, :size]
+        lab = np.where(lab_f < 0, np.nan, lab_f).astype(np.float32)
+    return img, lab
+
+
+def _bank_pairs(stacks, max_images: int = 16):
+    """At most ``max_images`` annotated images, evenly spaced within each set, for the saved bank
+    (encoding every training image of several stacks would cost more than the training)."""
+    per = max(1, max_images // len(stacks))
+    out = []
+    for st in stacks:
+        pairs = st["pairs"]
+        sel = np.unique(np.linspace(0, len(pairs) - 1, min(per, len(pairs))).round().astype(int))
+        out += [pairs[i] for i in sel]
+    return out
 
 
 def iter_train_membrane(
-    images,
-    labels,
+    images=None,
+    labels=None,
     *,
     membrane_value: int = 1,
+    sets=None,
     use_reference: bool = True,
     feedback: bool = True,
     epochs: int = 10,
@@ -510,16 +660,31 @@ def iter_train_membrane(
     attn_stride: int = 2,
     aux_weight: float = 0.5,
     elastic: bool = True,
+    scale_aug: float = 1.25,
+    polarity_aug: float = 0.25,
+    width: Optional[float] = None,
     seed: int = 0,
     device="auto",
     init: Optional["TrainedMembrane"] = None,
     time_limit: Optional[float] = None,
+    clock=time.perf_counter,
 ):
     """Episodic training job. Yields Progress (loss, epoch); returns a :class:`TrainedMembrane`.
 
+    ``images``/``labels``/``membrane_value`` is one annotated set; ``sets`` adds more,
+    each ``(images, labels, membrane_value)`` (e.g. several stacks with different label
+    conventions). Every set is rescaled so its membrane width (from its labels) is the
+    training width ``width`` (default: the median over the sets; a fine-tune keeps the
+    model's) and inverted to dark membranes where its membranes are bright. Each episode
+    draws a set, a target crop and a reference crop from another slice of that set; both
+    get the same random scale (``1/scale_aug``..``scale_aug``) and, with probability
+    ``polarity_aug``, the same intensity inversion.
+
     ``init`` fine-tunes a loaded model (its architecture wins). Cancelling
     returns the best model so far (lowest epoch loss), with its reference bank.
-    ``time_limit`` (s) stops early (still returning a full model).
+    ``time_limit`` (s) stops early (still returning a full model); the learning rate
+    then follows a cosine over the time budget. ``clock`` measures it (wall time; a
+    benchmark on a shared machine may pass ``time.process_time``).
     """
     dev = resolve_device(device)
     seed_everything(seed)
@@ -528,7 +693,10 @@ def iter_train_membrane(
     rrng = np.random.default_rng(int(seed) + 7919)
     fbrng = np.random.default_rng(int(seed) + 104729)
     tg = torch.Generator().manual_seed(int(seed) + 1)
-    pairs, _ = prepare_references(images, labels, membrane_value, what="training")
+    all_sets = training_sets(images, labels, membrane_value, sets)
+    if width is None and init is not None:
+        width = init.metadata.get("train_width")
+    stacks, W = _prepare_stacks(all_sets, width)
     crop = int(crop)
     if init is not None:
         model = copy.deepcopy(init.model)
@@ -545,39 +713,58 @@ def iter_train_membrane(
     ref_crop = max(mult, (crop // 2) - (crop // 2) % mult)
     model.to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    total = int(epochs) * int(steps_per_epoch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2),
-                                                pct_start=0.15)
+    timed = time_limit is not None
+    total = None if timed else int(epochs) * int(steps_per_epoch)
+    if timed:
+        sched = None
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 2),
+                                                    pct_start=0.15)
+    n_images = sum(len(st["pairs"]) for st in stacks)
     train_params = dict(epochs=int(epochs), steps_per_epoch=int(steps_per_epoch),
                         batch_size=int(batch_size), crop=crop, lr=lr, aux_weight=aux_weight,
-                        elastic=bool(elastic), seed=int(seed), n_images=len(pairs),
-                        fine_tuned=init is not None)
-    meta = _metadata(arch, train_params, membrane_value)
-    n = len(pairs)
+                        elastic=bool(elastic), scale_aug=float(scale_aug), polarity_aug=float(polarity_aug),
+                        seed=int(seed), n_images=n_images, n_sets=len(stacks),
+                        fine_tuned=init is not None, time_limit=time_limit)
+    meta = _metadata(arch, train_params, all_sets[0][2], stacks, W)
     best_state, best_loss = None, math.inf
     history = []
     throttle = Throttle(0.5)
-    t0 = time.perf_counter()
+    t0 = clock()
+    t_wall = time.perf_counter()
     cancelled = False
     step = 0
+    log_zoom = math.log(max(1.0, float(scale_aug)))
+
+    def episode():
+        st = stacks[int(rng.integers(len(stacks)))]
+        pairs = st["pairs"]
+        zoom = math.exp(rng.uniform(-log_zoom, log_zoom)) if log_zoom > 0 else 1.0
+        flip = rng.random() < polarity_aug
+        i = int(rng.integers(len(pairs)))
+        img, lab = _episode_crop(pairs[i], crop, zoom, rng)
+        a, b = augment(img, lab, rng, elastic)
+        ref = None
+        if model.use_reference:
+            n = len(pairs)
+            j = int(rrng.choice([q for q in range(n) if q != i])) if n > 1 else i
+            for _try in range(10):  # a reference crop with both classes
+                rimg, rlab = _episode_crop(pairs[j], ref_crop, zoom, rrng)
+                if np.nansum(rlab) > 0 and np.nansum(1 - rlab) > 0:
+                    break
+            ra, rb = augment(rimg, rlab, rrng, elastic)
+            ref = (1 - ra if flip else ra, rb)
+        return (1 - a if flip else a), b, ref
 
     def batch():
         xs, ys, rx, ry = [], [], [], []
         for _ in range(batch_size):
-            i = int(rng.integers(n))
-            img, lab, _ = _random_crop(*pairs[i], crop, rng)
-            a, b = augment(img, lab, rng, elastic)
+            a, b, ref = episode()
             xs.append(a)
             ys.append(b)
-            if model.use_reference:
-                j = int(rrng.choice([q for q in range(n) if q != i])) if n > 1 else i
-                for _try in range(10):  # a reference crop with both classes
-                    rimg, rlab, _ = _random_crop(*pairs[j], ref_crop, rrng)
-                    if np.nansum(rlab) > 0 and np.nansum(1 - rlab) > 0:
-                        break
-                a, b = augment(rimg, rlab, rrng, elastic)
-                rx.append(a)
-                ry.append(b)
+            if ref is not None:
+                rx.append(ref[0])
+                ry.append(ref[1])
         xt = torch.from_numpy(np.stack(xs)[:, None]).to(dev)
         yt = torch.from_numpy(np.stack(ys)[:, None]).to(dev)
         if rx:
@@ -611,50 +798,90 @@ def iter_train_membrane(
                                                                reduction="sum") / w.sum().clamp_min(1))
         return loss
 
+    def out_of_time():
+        return timed and clock() - t0 > time_limit
+
     try:
         for ep in range(int(epochs)):
             ep_losses = []
             for _ in range(int(steps_per_epoch)):
+                if timed:  # cosine over the time budget
+                    frac = min(1.0, (clock() - t0) / max(time_limit, 1e-6))
+                    for g in opt.param_groups:
+                        g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * frac))
                 xt, yt, rxt, ryt = batch()
                 loss = step_loss(xt, yt, rxt, ryt)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
+                if sched is not None:
+                    sched.step()
                 step += 1
                 lv = float(loss.detach())
                 ep_losses.append(lv)
                 if throttle():
-                    yield Progress(step, total, f"epoch {ep + 1}/{epochs} step {step}/{total} loss {lv:.4f}",
+                    where = f"step {step}, {clock() - t0:.0f}/{time_limit:.0f} s" if timed else \
+                        f"epoch {ep + 1}/{epochs} step {step}/{total}"
+                    yield Progress(step, total, f"{where} loss {lv:.4f}",
                                    metrics={"loss": lv, "epoch": ep + 1, "step": step})
-                if time_limit is not None and time.perf_counter() - t0 > time_limit:
+                if out_of_time():
                     break
             el = float(np.mean(ep_losses))
-            history.append({"epoch": ep + 1, "loss": el, "seconds": time.perf_counter() - t0})
-            if el < best_loss:
-                best_loss = el
+            history.append({"epoch": ep + 1, "loss": el, "seconds": time.perf_counter() - t_wall})
+            if el < best_loss or timed:  # a timed run keeps its last state (the cosine ends there)
+                best_loss = min(best_loss, el)
                 best_state = copy.deepcopy(model.state_dict())
-            yield Progress(step, total, f"epoch {ep + 1}/{epochs} loss {el:.4f}",
+            yield Progress(step, total, f"{'step ' + str(step) if timed else f'epoch {ep + 1}/{epochs}'} loss {el:.4f}",
                            metrics={"loss": el, "epoch": ep + 1, "step": step, "best_loss": best_loss})
-            if time_limit is not None and time.perf_counter() - t0 > time_limit:
+            if out_of_time():
                 break
     except JobCancelled:
         cancelled = True
-    if best_state is not None and (cancelled or True):
+    if best_state is not None:
         # keep the best epoch (lowest mean loss); the last epoch is usually the best with OneCycle
         model.load_state_dict(best_state)
     model.eval()
-    meta["train"].update(steps_done=step, seconds=round(time.perf_counter() - t0, 2),
+    meta["train"].update(steps_done=step, seconds=round(time.perf_counter() - t_wall, 2),
                          best_loss=None if best_loss == math.inf else best_loss, cancelled=cancelled)
     bank = None
     if model.use_reference:
-        bank = build_bank(model, pairs, dev, crop=crop, seed=seed)
+        bank = build_bank(model, _bank_pairs(stacks), dev, crop=crop, seed=seed)
     return TrainedMembrane(model.cpu() if dev.type != "cpu" else model, meta, bank, history, cancelled)
 
 
-def train_membrane(images, labels, callback=None, **kw) -> TrainedMembrane:
+def train_membrane(images=None, labels=None, callback=None, **kw) -> TrainedMembrane:
     """Train (see :func:`iter_train_membrane`) and return the :class:`TrainedMembrane`."""
     res = run_job(iter_train_membrane(images, labels, **kw), callback)
+    if res.value is None:
+        raise JobCancelled()
+    return res.value
+
+
+def iter_finetune_membrane(model, images, labels, *, membrane_value: Optional[int] = None,
+                           seconds: float = 60.0, lr: float = 1e-3, batch_size: int = 4,
+                           crop: Optional[int] = None, seed: int = 0, device="auto",
+                           clock=time.perf_counter):
+    """Job: fine-tune a trained model on a few annotated slices for a fixed time.
+
+    ``model``: a :class:`TrainedMembrane` or a model path (not modified). The slices are
+    brought to the model's training scale and polarity (measured from their labels), and
+    the returned model remembers them, so it reads new images of the same stack the same way.
+    """
+    tm = model if isinstance(model, TrainedMembrane) else load_model(model)
+    if seconds is None or not seconds > 0:
+        raise InputError(f"fine-tuning time must be positive seconds; got {seconds}")
+    mv = tm.metadata.get("membrane_value", 1) if membrane_value is None else int(membrane_value)
+    crop = int(crop or tm.metadata.get("train", {}).get("crop", 128))
+    res = yield from iter_train_membrane(images, labels, membrane_value=mv, init=tm, epochs=1000,
+                                         steps_per_epoch=20, batch_size=batch_size, crop=crop, lr=lr,
+                                         seed=seed, device=device, time_limit=float(seconds), clock=clock)
+    res.metadata["train"]["fine_tune_seconds"] = float(seconds)
+    return res
+
+
+def finetune_membrane(model, images, labels, callback=None, **kw) -> TrainedMembrane:
+    """Fine-tune (see :func:`iter_finetune_membrane`) and return the new :class:`TrainedMembrane`."""
+    res = run_job(iter_finetune_membrane(model, images, labels, **kw), callback)
     if res.value is None:
         raise JobCancelled()
     return res.value
@@ -718,10 +945,12 @@ class MembranePredictor:
     """
 
     def __init__(self, trained: TrainedMembrane, device="auto", n_refs: int = 4,
-                 feedback_iters: Optional[int] = None, tile: int = 512, overlap: int = 32):
+                 feedback_iters: Optional[int] = None, tile: int = 512, overlap: int = 32,
+                 scale: Optional[float] = None, invert: Optional[bool] = None, use_references: bool = True):
         self.trained = trained
         self.device = resolve_device(device)
         self.model = trained.model.to(self.device).eval()
+        self.use_references = bool(use_references) and self.model.use_reference
         self.bank = trained.bank
         self.n_refs = int(n_refs)
         if self.n_refs < 1:
@@ -735,12 +964,31 @@ class MembranePredictor:
         self.overlap = int(overlap)
         self.ref_ranges: list = []
         self.seed = int(trained.metadata.get("train", {}).get("seed", 0))
+        if scale is not None and not (0.05 <= float(scale) <= 20):
+            raise InputError(f"scale must be between 0.05 and 20; got {scale}")
+        # explicit scale / polarity win; else the references' (set_references); else the model's
+        self.scale_override, self.invert_override = scale, invert
+        self.scale = float(scale) if scale is not None else float(trained.metadata.get("input_scale", 1.0))
+        self.invert = bool(invert) if invert is not None else bool(trained.metadata.get("input_invert", False))
+        self.ref_width: Optional[float] = None
 
-    def set_references(self, images, labels, membrane_value: Optional[int] = None, crop: int = 128):
-        if not self.model.use_reference:
-            return self
+    def set_references(self, images, labels, membrane_value: Optional[int] = None, crop: int = 128,
+                       estimate_scale: bool = True):
+        """Encode annotated images as the references. Their membrane width (from the labels) sets
+        the scale the target is read at (the model's training width / theirs) and their
+        polarity whether it is inverted, unless ``scale``/``invert`` were given explicitly."""
         mv = self.trained.metadata.get("membrane_value", 1) if membrane_value is None else membrane_value
         pairs, self.ref_ranges = prepare_references(images, labels, mv)
+        W = self.trained.metadata.get("train_width")
+        if estimate_scale and W:
+            self.ref_width = membrane_width([m for _, m in pairs])
+            if self.scale_override is None:
+                self.scale = float(np.clip(W / self.ref_width, 0.2, 5.0))
+            if self.invert_override is None:
+                self.invert = membrane_polarity(pairs) > 0
+        if not self.model.use_reference:
+            return self
+        pairs = [rescale_pair(1 - im if self.invert else im, m, self.scale) for im, m in pairs]
         self.bank = build_bank(self.model, pairs, self.device, crop=crop, seed=self.seed)
         return self
 
@@ -748,13 +996,16 @@ class MembranePredictor:
     def tile_fn(self, tile: np.ndarray) -> np.ndarray:
         """Normalised (C, h, w) tile → (1, h, w) membrane probability."""
         m = self.model
-        x, (h, w) = pad_to_multiple(np.asarray(tile[:1], np.float32), m.multiple)
+        t = np.asarray(tile[:1], np.float32)
+        if self.invert:
+            t = 1 - t
+        x, (h, w) = pad_to_multiple(t, m.multiple)
         xt = torch.from_numpy(np.ascontiguousarray(x))[None].to(self.device)
         keys = vals = None
         prev = None
         for it in range(1 + self.feedback_iters):
             f, e = m.encode(xt, prev)
-            if m.use_reference:
+            if self.use_references:
                 if self.bank is None:
                     raise InputError("no references: give reference images with labels (the model has none saved)")
                 if it == 0 or keys is None:
@@ -777,9 +1028,14 @@ class MembranePredictor:
             if msg:
                 warnings.warn(msg, stacklevel=2)
         pre = lambda t: normalize(t, lohi=lohi)  # noqa: E731
-        out = yield from iter_tiled(self.tile_fn, image[None], tile=self.tile, overlap=self.overlap,
-                                    preprocess=pre)
-        return out[0]
+        if abs(self.scale - 1) < 0.02:
+            out = yield from iter_tiled(self.tile_fn, image[None], tile=self.tile, overlap=self.overlap,
+                                        preprocess=pre)
+            return out[0]
+        # read at the training scale: zoom the normalised image, predict, zoom the probability back
+        x = ndi.zoom(normalize(np.asarray(image), lohi=lohi), self.scale, order=1)
+        out = yield from iter_tiled(self.tile_fn, x[None], tile=self.tile, overlap=self.overlap)
+        return np.clip(_resize_to(out[0], image.shape), 0, 1)
 
     def probability(self, image, lohi=None) -> np.ndarray:
         return run_job(self.iter_probability(image, lohi)).value
@@ -832,11 +1088,16 @@ def iter_predict_membrane(model, images, ref_images=None, ref_labels=None, *,
                           membrane_value: Optional[int] = None, n_refs: int = 4,
                           feedback_iters: Optional[int] = None, threshold: float = 0.5,
                           min_size: int = 30, membrane_background: bool = False,
-                          device="auto", tile: int = 512):
+                          device="auto", tile: int = 512, scale: Optional[float] = None,
+                          invert: Optional[bool] = None, use_references: bool = True):
     """Job: predict a 2D image or a stack slice by slice.
 
     ``model``: a :class:`TrainedMembrane`, a model path, or a ``MembranePredictor``.
-    References (``ref_images``/``ref_labels``) replace the model's saved ones.
+    References (``ref_images``/``ref_labels``) replace the model's saved ones; their
+    membrane width sets the scale the target is read at (``scale`` overrides it: the
+    factor the target is zoomed by before the network sees it) and their polarity
+    whether it is inverted (``invert`` overrides). ``use_references=False`` runs the
+    network's plain head (no attention over references).
     Returns a dict with ``probability`` (float32), ``membrane`` (uint8 0/1) and
     ``cells`` (uint32), stacked like the input. A cancelled job returns the
     slices done so far (the rest zero) with ``done`` = number of slices.
@@ -845,13 +1106,14 @@ def iter_predict_membrane(model, images, ref_images=None, ref_labels=None, *,
         pred = model
     else:
         tm = model if isinstance(model, TrainedMembrane) else load_model(model)
-        pred = MembranePredictor(tm, device=device, n_refs=n_refs, feedback_iters=feedback_iters, tile=tile)
+        pred = MembranePredictor(tm, device=device, n_refs=n_refs, feedback_iters=feedback_iters, tile=tile,
+                                 scale=scale, invert=invert, use_references=use_references)
     if (ref_images is None) != (ref_labels is None):
         raise InputError("give both reference images and reference labels (or neither)")
     if ref_images is not None:
         yield Progress(0, None, "encoding references")
         pred.set_references(ref_images, ref_labels, membrane_value)
-    elif pred.model.use_reference and pred.bank is None:
+    elif pred.use_references and pred.bank is None:
         raise InputError("fewer than 1 reference: give reference images with labels")
     slices, stacked = _as_target_slices(images)
     probs, masks, cells = [], [], []

@@ -94,6 +94,24 @@ def test_cli_bad_inputs_are_one_line_errors(files, capsys, tmp_path):
     assert not (tmp_path / "o.tif").exists()
 
 
+def test_cli_binary_mask_labels(files, capsys, tmp_path):
+    """0/1 masks with --membrane-value 1 train (0 = not membrane); read with 255 they are refused."""
+    torch.set_num_threads(1)
+    d = files
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for f in sorted((d / "labs").iterdir()):
+        tifffile.imwrite(masks / f.name, (tifffile.imread(f) == 0).astype(np.uint8))
+    rc = main(["membrane", "train", "--images", str(d / "imgs"), "--labels", str(masks),
+               "--membrane-value", "255", "--out", str(tmp_path / "x.pt"), *TRAIN])
+    err = capsys.readouterr().err
+    assert rc == 2 and "values found: 0, 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+    rc = main(["membrane", "train", "--images", str(d / "imgs"), "--labels", str(masks),
+               "--membrane-value", "1", "--out", str(tmp_path / "x.pt"), *TRAIN])
+    assert rc == 0 and (tmp_path / "x.pt").exists()
+
+
 def test_apply_runs_a_saved_membrane_model(files, tmp_path):
     """`leakseg apply` (dask, tiled) runs the model with its saved references."""
     torch.set_num_threads(1)
@@ -113,3 +131,48 @@ def test_apply_runs_a_saved_membrane_model(files, tmp_path):
 
     ref = M.predict_membrane(str(model), tifffile.imread(d / "imgs" / "1.tif"), device="cpu")["membrane"]
     assert (m == ref).mean() > 0.999
+
+
+def test_cli_several_sets_and_finetune(files, capsys, tmp_path):
+    """`train --set` takes stacks with their own membrane values; `finetune` adapts a model in fixed time."""
+    torch.set_num_threads(1)
+    d = files
+    # the second set: bright membranes, a 0/255 membrane mask (membrane value 255)
+    (tmp_path / "b_img").mkdir()
+    (tmp_path / "b_mem").mkdir()
+    for f in sorted((d / "imgs").iterdir()):
+        tifffile.imwrite(tmp_path / "b_img" / f.name, 255 - tifffile.imread(f))
+        tifffile.imwrite(tmp_path / "b_mem" / f.name,
+                         np.where(tifffile.imread(d / "labs" / f.name) == 0, 255, 0).astype(np.uint8))
+    model = tmp_path / "m.pt"
+    assert main(["membrane", "train", "--set", str(d / "imgs"), str(d / "labs"), "0",
+                 "--set", str(tmp_path / "b_img"), str(tmp_path / "b_mem"), "255",
+                 "--out", str(model), *TRAIN]) == 0
+    from napari_leakseg import membrane as M
+
+    tm = M.load_model(model)
+    assert [s["membrane_value"] for s in tm.metadata["sets"]] == [0, 255]
+    assert [s["polarity"] < 0 for s in tm.metadata["sets"]] == [True, False]
+    # a --set whose labels do not hold its membrane value: one line naming the values found
+    rc = main(["membrane", "train", "--set", str(d / "imgs"), str(d / "labs"), "1",
+               "--out", str(tmp_path / "y.pt"), *TRAIN])
+    err = capsys.readouterr().err
+    assert rc == 2 and "values found: 0, 255" in err and len(err.strip().splitlines()) == 1
+    rc = main(["membrane", "train", "--set", str(d / "imgs"), str(d / "labs"), "x",
+               "--out", str(tmp_path / "y.pt"), *TRAIN])
+    assert rc == 2 and "integer" in capsys.readouterr().err
+    # fine-tune on one annotated bright-walled slice, then predict with the tuned model (no references)
+    tuned = tmp_path / "tuned.pt"
+    assert main(["membrane", "finetune", "--model", str(model), "--images", str(tmp_path / "b_img" / "0.tif"),
+                 "--labels", str(tmp_path / "b_mem" / "0.tif"), "--membrane-value", "255", "--seconds", "1",
+                 "--device", "cpu", "--out", str(tuned), "-q"]) == 0
+    meta = M.load_model(tuned).metadata
+    assert meta["train"]["fine_tuned"] and meta["input_invert"] is True
+    assert main(["membrane", "finetune", "--model", str(model), "--images", str(tmp_path / "b_img" / "0.tif"),
+                 "--labels", str(tmp_path / "b_mem" / "0.tif"), "--membrane-value", "255", "--seconds", "1",
+                 "--device", "cpu", "--out", str(tuned), "-q"]) == 2  # never overwritten
+    assert "exists" in capsys.readouterr().err
+    out = tmp_path / "o.tif"
+    assert main(["membrane", "predict", "--model", str(tuned), "--no-references", "--scale", "1.5",
+                 str(tmp_path / "b_img" / "1.tif"), "--out", str(out), "--device", "cpu", "-q"]) == 0
+    assert tifffile.imread(out).shape == (64, 64)

@@ -119,7 +119,7 @@ def test_label_conventions_and_bad_inputs():
         M.prepare_references([], [])
     with pytest.raises(InputError, match="pair up"):
         M.prepare_references([img, img], [lab])
-    with pytest.raises(InputError, match="values present: 1, 2"):
+    with pytest.raises(InputError, match="values found: 1, 2"):
         M.prepare_references([img], [lab], membrane_value=0 + 5)
     # stacks: unannotated (constant) slices are skipped
     stack = np.stack([img, img, img])
@@ -136,6 +136,32 @@ def test_label_conventions_and_bad_inputs():
     lab_copy = lab.copy()
     M.prepare_references([img], [lab])
     np.testing.assert_array_equal(lab, lab_copy)
+
+
+def test_binary_masks_and_mismatched_membrane_values():
+    img, lab = sample()
+    mask01 = (lab == 1).astype(np.uint8)  # a 0/1 membrane mask: 0 = not membrane, not "unlabeled"
+    m = M.membrane_mask_from_labels(mask01, membrane_value=1)
+    assert np.isfinite(m).all()
+    np.testing.assert_array_equal(m, mask01)
+    assert 0.05 < m.mean() < 0.6  # not "all membrane"
+    pairs, _ = M.prepare_references([img], [mask01], membrane_value=1)
+    np.testing.assert_array_equal(pairs[0][1], mask01)
+    # 0/255 membrane masks (the em/ stacks' membrane/*.png) with membrane value 255
+    m255 = M.membrane_mask_from_labels(mask01 * 255, membrane_value=255)
+    np.testing.assert_array_equal(m255, mask01)
+    # the stated value does not occur: refused, naming the values found
+    with pytest.raises(InputError, match=r"values found: 0, 1\b"):
+        M.prepare_references([img], [mask01], membrane_value=255)
+    with pytest.raises(InputError, match=r"values found: 0, 255"):
+        M.prepare_references([img], [mask01 * 255], membrane_value=1)
+    # instance labels are not membrane labels
+    inst = (np.arange(lab.size).reshape(lab.shape) % 20).astype(np.uint16)
+    with pytest.raises(InputError, match="20 distinct values"):
+        M.membrane_mask_from_labels(inst, membrane_value=1)
+    # ISBI style with more than one cell value is refused too
+    with pytest.raises(InputError, match="distinct values"):
+        M.membrane_mask_from_labels(np.array([[0, 128, 255]]), membrane_value=0)
 
 
 def test_cells_from_probability_grid_and_min_size():
@@ -246,3 +272,73 @@ def test_learns_membranes_on_synthetic_sample():
     t = lab == 1
     f1 = 2 * (p & t).sum() / (p.sum() + t.sum())
     assert f1 > 0.6, f1
+
+
+def _zoomed_inverted(seed, factor=2.0):
+    """A sample at `factor`x the pixel scale with bright membranes, labelled as a 0/255 mask."""
+    from scipy import ndimage as ndi
+
+    img, lab = sample(seed, (64, 64))
+    big = ndi.zoom(img.astype(np.float32), factor, order=1)
+    mem = ndi.zoom((lab == 1).astype(np.uint8), factor, order=0)
+    return (255 - big).clip(0, 255).astype(np.uint8), (mem * 255).astype(np.uint8)
+
+
+def test_membrane_width_and_polarity_from_labels():
+    img, lab = sample(0)
+    pairs, _ = M.prepare_references([img], [lab])
+    w1 = M.membrane_width([pairs[0][1]])
+    bimg, bmask = _zoomed_inverted(0, 2.0)
+    bpairs, _ = M.prepare_references([bimg], [bmask], membrane_value=255)
+    w2 = M.membrane_width([bpairs[0][1]])
+    assert 1.5 < w1 < 5 and 1.6 < w2 / w1 < 2.4, (w1, w2)
+    assert M.membrane_polarity(pairs) < -0.1 < 0.1 < M.membrane_polarity(bpairs)
+    with pytest.raises(InputError, match="width"):
+        M.membrane_width([np.zeros((8, 8), np.float32)])
+
+
+def test_several_sets_scale_polarity_and_finetune():
+    torch.set_num_threads(1)
+    a_img, a_lab = sample(0)
+    b_img, b_mask = _zoomed_inverted(1, 2.0)
+    tm = M.train_membrane(sets=[([a_img], [a_lab], 1), ([b_img], [b_mask], 255)], **dict(TINY, epochs=1))
+    sets = tm.metadata["sets"]
+    assert tm.metadata["train"]["n_sets"] == 2 and [s["membrane_value"] for s in sets] == [1, 255]
+    assert sets[0]["polarity"] < 0 < sets[1]["polarity"]  # the second set's membranes are bright
+    assert 1.6 < sets[1]["width"] / sets[0]["width"] < 2.4
+    W = tm.metadata["train_width"]
+    assert min(s["width"] for s in sets) <= W <= max(s["width"] for s in sets)
+    assert "input_scale" not in tm.metadata  # several sets: no single native scale
+    # references from the zoomed, bright-walled kind set the target's scale and polarity
+    c_img, c_mask = _zoomed_inverted(2, 2.0)
+    pr = M.MembranePredictor(tm, device=DEVICE)
+    pr.set_references([c_img], [c_mask], membrane_value=255)
+    assert pr.invert and abs(pr.scale - W / pr.ref_width) < 1e-6 and pr.scale < 1
+    p = pr.probability(b_img)
+    assert p.shape == b_img.shape and np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1
+    # an explicit scale wins over the references'
+    pr2 = M.MembranePredictor(tm, device=DEVICE, scale=1.0)
+    pr2.set_references([c_img], [c_mask], membrane_value=255)
+    assert pr2.scale == 1.0 and pr2.invert
+    with pytest.raises(InputError, match="scale"):
+        M.MembranePredictor(tm, device=DEVICE, scale=0)
+    # no references: the plain head, which differs from the attention-fused prediction
+    plain = M.predict_membrane(tm, a_img, device=DEVICE, use_references=False)["probability"]
+    fused = M.predict_membrane(tm, a_img, device=DEVICE)["probability"]
+    assert plain.shape == a_img.shape and not np.allclose(plain, fused)
+    # fine-tuning on a couple of slices of the bright-walled kind: a new model that reads that kind
+    before = {k: v.clone() for k, v in tm.model.state_dict().items()}
+    ft = M.finetune_membrane(tm, [c_img], [c_mask], membrane_value=255, seconds=1.0, device=DEVICE,
+                             crop=64, batch_size=2)
+    assert ft.metadata["train"]["fine_tuned"] and ft.metadata["train"]["steps_done"] >= 1
+    assert ft.metadata["input_invert"] is True and ft.metadata["input_scale"] < 1
+    assert ft.metadata["train_width"] == W
+    for k, v in tm.model.state_dict().items():  # the starting model is not modified
+        torch.testing.assert_close(v, before[k])
+    assert any(not torch.equal(v, before[k]) for k, v in ft.model.state_dict().items())
+    fp = M.MembranePredictor(ft, device=DEVICE, use_references=False)
+    assert fp.invert and fp.scale == ft.metadata["input_scale"]
+    with pytest.raises(InputError, match="positive"):
+        M.finetune_membrane(tm, [c_img], [c_mask], membrane_value=255, seconds=0)
+    with pytest.raises(InputError, match="values found: 0, 255"):
+        M.finetune_membrane(tm, [c_img], [c_mask], membrane_value=1, seconds=1)

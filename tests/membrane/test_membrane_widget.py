@@ -62,6 +62,20 @@ def test_widget_train_predict_save_load(make_napari_viewer, qtbot, tmp_path):
     assert w.save_model(path) and path.exists()
     w.trained = None
     assert w.load_model(path) and w.trained is not None and w.membrane_value.value == 1
+    # "Fine-tune on these labels": a timed background job on the annotated slice
+    loaded = w.trained
+    w.ft_seconds.value = 2
+    assert w.finetune_on_labels()
+    _wait(qtbot, w)
+    assert w.trained is not loaded and w.trained.metadata["train"]["fine_tuned"]
+    assert w.trained.metadata["train"]["steps_done"] >= 1 and w.trained.metadata["train"]["n_images"] == 1
+    changed = [k for k, v in w.trained.model.state_dict().items()
+               if not torch.equal(v, loaded.model.state_dict()[k])]
+    assert changed  # the weights moved
+    np.testing.assert_array_equal(lab_layer.data, user_labels)
+    assert w.predict()
+    _wait(qtbot, w)
+    assert viewer.layers["membrane"].data[1].any()
 
 
 def test_widget_bad_reference_is_a_notification(make_napari_viewer, qtbot):
@@ -83,3 +97,4 @@ def test_widget_bad_reference_is_a_notification(make_napari_viewer, qtbot):
     w.ref_labels.value = viewer.layers["small"]
     assert w.train() is False
     assert not w.predict()  # no model yet
+    assert w.finetune_on_labels() is False  # nothing to fine-tune yet

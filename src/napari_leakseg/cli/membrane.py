@@ -3,6 +3,9 @@
 Examples::
 
     leakseg membrane train --images imgs/ --labels labs/ --membrane-value 0 --epochs 6 --out em.pt
+    leakseg membrane train --set isbi/image isbi/label 0 --set medulla/image medulla/membrane 255 --out em.pt
+    leakseg membrane finetune --model em.pt --images new/0.png --labels new_lab/0.png --membrane-value 255 \
+        --seconds 60 --out em_new.pt
     leakseg membrane predict --model em.pt --ref-images imgs/0.png --ref-labels labs/0.png \\
         --membrane-value 0 new.png --out new_membrane.tif --probability new_prob.tif --cells new_cells.tif
 """
@@ -50,10 +53,16 @@ def register(sub) -> None:
     msub = p.add_subparsers(dest="membrane_command", metavar="ACTION")
 
     t = msub.add_parser("train", help="train a membrane model on annotated images")
-    t.add_argument("--images", nargs="+", required=True, metavar="DIR|FILE",
+    t.add_argument("--images", nargs="+", metavar="DIR|FILE",
                    help="training images (files, or folders of images)")
-    t.add_argument("--labels", nargs="+", required=True, metavar="DIR|FILE",
+    t.add_argument("--labels", nargs="+", metavar="DIR|FILE",
                    help="label images paired with --images in order")
+    t.add_argument("--set", nargs=3, action="append", metavar=("IMAGES", "LABELS", "VALUE"), default=[],
+                   help="one more annotated set (a folder or stack of images, its labels, its membrane value); "
+                        "repeat for several stacks. Each episode draws its target and reference crops from one set")
+    t.add_argument("--width", type=float, default=None,
+                   help="training membrane width in pixels (default: the median of the sets' widths, "
+                        "measured from their labels); every set is rescaled to it")
     t.add_argument("--membrane-value", type=int, default=1,
                    help="label value that marks membrane (default 1; 0 for ISBI-style 0=membrane/255=cell). "
                         "If it is not 0, label 0 means unlabeled")
@@ -87,36 +96,91 @@ def register(sub) -> None:
     q.add_argument("--min-size", type=int, default=30, help="smallest cell in pixels (default 30)")
     q.add_argument("--feedback-iters", type=int, default=None,
                    help="feedback passes (default: 1 for feedback models, else 0)")
+    q.add_argument("--scale", type=float, default=None,
+                   help="zoom the images by this factor before the network (default: the model's training "
+                        "membrane width / the references' membrane width, or the model's own)")
+    q.add_argument("--no-references", dest="use_references", action="store_false",
+                   help="run the plain head, without attention over references")
     add_out_arg(q, help="binary membrane mask (.tif/.png/.npy/.zarr); with several IMAGEs an existing folder")
     q.add_argument("--probability", metavar="PATH", help="also write the probability map here (one IMAGE)")
     q.add_argument("--cells", metavar="PATH", help="also write the cell instances here (one IMAGE)")
     add_device_arg(q)
     add_quiet_arg(q)
     q.set_defaults(func=run_predict)
+
+    f = msub.add_parser("finetune", help="fine-tune a membrane model on a few annotated slices for a fixed time")
+    f.add_argument("--model", required=True, help="membrane model file (.pt) to start from (not modified)")
+    f.add_argument("--images", nargs="+", required=True, metavar="DIR|FILE", help="annotated images or stacks")
+    f.add_argument("--labels", nargs="+", required=True, metavar="DIR|FILE", help="their labels, in order")
+    f.add_argument("--membrane-value", type=int, default=None, help="membrane value in --labels (default: the model's)")
+    f.add_argument("--seconds", type=float, default=60.0, help="fine-tuning time in seconds (default 60)")
+    f.add_argument("--lr", type=float, default=1e-3)
+    add_out_arg(f, help="fine-tuned model file to write (.pt); never overwritten unless --overwrite")
+    add_device_arg(f)
+    add_seed_arg(f)
+    add_quiet_arg(f)
+    f.set_defaults(func=run_finetune)
     p.set_defaults(func=lambda args: (p.print_help(), 0)[1])
 
 
 def run_train(args) -> int:
     from .. import membrane as M
 
-    imgs = _expand(args.images, "image")
-    labs = _expand(args.labels, "labels")
-    out = check_model_out(args.out, args.overwrite, imgs + labs + [args.init])
-    if len(imgs) != len(labs):
-        raise InputError(f"{len(imgs)} images but {len(labs)} label files; they must pair up")
+    inputs = [p for p in [args.init] + list(args.images or []) + list(args.labels or [])
+              + [x for si, sl, _ in (args.set or []) for x in (si, sl)] if p]
+    out = check_model_out(args.out, args.overwrite, inputs)
+    if (args.images is None) != (args.labels is None):
+        raise InputError("give both --images and --labels (or use --set IMAGES LABELS VALUE)")
+    if args.images is None and not args.set:
+        raise InputError("no training data: give --images and --labels, or --set IMAGES LABELS VALUE")
+    sets = []
+    if args.images is not None:
+        sets.append(_read_set(args.images, args.labels, args.membrane_value, "image"))
+    for i, (si, sl, sv) in enumerate(args.set):
+        try:
+            v = int(sv)
+        except ValueError:
+            raise InputError(f"--set {i + 1}: the membrane value must be an integer; got {sv!r}") from None
+        sets.append(_read_set([si], [sl], v, f"set {i + 1} image"))
     init = M.load_model(args.init) if args.init else None
     tm = run_with_progress(
-        M.iter_train_membrane(_read_all(imgs), _read_all(labs), membrane_value=args.membrane_value,
+        M.iter_train_membrane(sets=sets, membrane_value=sets[0][2],
                               use_reference=not args.no_references, feedback=args.feedback,
                               epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, crop=args.crop,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
-                              init=init),
+                              init=init, width=args.width),
         quiet=args.quiet)
     tm.save(out, overwrite=args.overwrite)
     if not args.quiet:
         tr = tm.metadata["train"]
         print(f"saved {out} ({tr['steps_done']} steps, {tr['seconds']:.0f} s, "
               f"{'with' if tm.model.use_reference else 'no'} references)")
+    return 0
+
+
+def _read_set(images, labels, membrane_value, what):
+    imgs = _expand(images, what)
+    labs = _expand(labels, what.replace("image", "labels"))
+    if len(imgs) != len(labs):
+        raise InputError(f"{len(imgs)} {what}s but {len(labs)} label files; they must pair up")
+    return _read_all(imgs), _read_all(labs), int(membrane_value)
+
+
+def run_finetune(args) -> int:
+    from .. import membrane as M
+
+    out = check_model_out(args.out, args.overwrite, [args.model] + list(args.images) + list(args.labels))
+    ims, labs, _ = _read_set(args.images, args.labels, 0, "image")
+    tm = M.load_model(args.model)
+    res = run_with_progress(
+        M.iter_finetune_membrane(tm, ims, labs, membrane_value=args.membrane_value, seconds=args.seconds,
+                                 lr=args.lr, seed=args.seed, device=args.device),
+        quiet=args.quiet)
+    res.save(out, overwrite=args.overwrite)
+    if not args.quiet:
+        tr = res.metadata["train"]
+        print(f"saved {out} (fine-tuned {tr['steps_done']} steps in {tr['seconds']:.0f} s; reads new images "
+              f"at scale {res.metadata.get('input_scale', 1.0):.2f})")
     return 0
 
 
@@ -153,14 +217,15 @@ def run_predict(args) -> int:
                 check_output_path(t, args.overwrite, inputs)
         outs.append(trip)
     tm = M.load_model(args.model)
-    pred = M.MembranePredictor(tm, device=args.device, n_refs=args.n_refs, feedback_iters=args.feedback_iters)
+    pred = M.MembranePredictor(tm, device=args.device, n_refs=args.n_refs, feedback_iters=args.feedback_iters,
+                               scale=args.scale, use_references=args.use_references)
     refs = None
     if args.ref_images is not None:
         ri, rl = _expand(args.ref_images, "reference image"), _expand(args.ref_labels, "reference labels")
         if len(ri) != len(rl):
             raise InputError(f"{len(ri)} reference images but {len(rl)} reference label files; they must pair up")
         refs = (_read_all(ri), _read_all(rl))
-    elif tm.model.use_reference and tm.bank is None:
+    elif pred.use_references and tm.bank is None:
         raise InputError("fewer than 1 reference: the model has no saved references; give --ref-images/--ref-labels")
     first = True
     for path, (o_mem, o_prob, o_cells) in zip(imgs, outs):

@@ -4,6 +4,9 @@ Pick the target image, and a reference image with its Labels layer (they may be
 the same stack: annotated slices — labels not constant — are the references).
 Train (or fine-tune a loaded model), then Predict: outputs go to the layers
 "membrane probability" (Image), "membrane" (Labels) and "cells" (Labels).
+"Fine-tune on these labels" adapts the trained/loaded model to the reference
+labels for a fixed number of seconds (the fast way to a new stack, measured in
+docs/benchmarks/membrane_cross.md).
 """
 
 from __future__ import annotations
@@ -47,12 +50,20 @@ class MembraneWidget(JobWidget):
         self.epochs = self.add(SpinBox(value=6, min=1, max=1000, label="epochs"))
         self.steps = self.add(SpinBox(value=40, min=1, max=10000, label="steps per epoch"))
         self.crop = self.add(SpinBox(value=128, min=32, max=512, step=32, label="crop size"))
+        self.ft_seconds = self.add(SpinBox(value=60, min=1, max=3600, label="fine-tune seconds",
+                                           tooltip="time budget of 'Fine-tune on these labels'"))
         self.n_refs = self.add(SpinBox(value=4, min=1, max=64, label="references averaged"))
+        self.scale = self.add(FloatSpinBox(value=0.0, min=0.0, max=20.0, step=0.1, label="scale (0 = auto)",
+                                           tooltip="zoom of the target before the network; 0: from the "
+                                                   "references' membrane width (or the model's own)"))
         self.threshold = self.add(FloatSpinBox(value=0.5, min=0.01, max=0.99, step=0.05, label="threshold"))
         self.min_size = self.add(SpinBox(value=30, min=0, max=100000, label="min cell size"))
         self.scope = self.add(ComboBox(choices=["current slice", "whole stack"], value="current slice",
                                        label="predict"))
         self.train_button = self.add_button("Train", self.train, "train (or fine-tune) on the references")
+        self.finetune_button = self.add_button(
+            "Fine-tune on these labels", self.finetune_on_labels,
+            "adapt the trained/loaded model to the reference labels for 'fine-tune seconds'")
         self.predict_button = self.add_button("Predict", self.predict, "segment the target image")
         self.save_button = self.add_button("Save model", self._save_clicked, runs_job=False)
         self.load_button = self.add_button("Load model", self._load_clicked, runs_job=False)
@@ -114,6 +125,37 @@ class MembraneWidget(JobWidget):
         return self.start_job(job_factory, description="Training membrane model", on_event=on_event,
                               on_result=on_result)
 
+    def finetune_on_labels(self):
+        """Fine-tune the current model on the reference labels for a fixed time (a background job)."""
+        if self.trained is None:
+            notify_error(f"{self.title}: train or load a model first, then fine-tune it on your labels")
+            return False
+        try:
+            imgs, labs = self._references()
+        except InputError as e:
+            notify_error(f"{self.title}: {e}")
+            return False
+        start = self.trained
+        kw = dict(membrane_value=int(self.membrane_value.value), seconds=float(self.ft_seconds.value),
+                  device=self.device)
+
+        def job_factory():
+            return M.iter_finetune_membrane(start, imgs, labs, **kw)
+
+        def on_event(ev):
+            self.status.value = ev.message
+
+        def on_result(value, cancelled):
+            if value is None:
+                return
+            self.trained = value
+            tr = value.metadata["train"]
+            self.status.value = (f"fine-tuned{' (stopped)' if cancelled else ''}: {tr['steps_done']} steps in "
+                                 f"{tr['seconds']:.0f} s; scale {value.metadata.get('input_scale', 1.0):.2f}")
+
+        return self.start_job(job_factory, description="Fine-tuning membrane model", on_event=on_event,
+                              on_result=on_result)
+
     # ------------------------------------------------------------------ predict
     def predict(self):
         if self.trained is None:
@@ -139,10 +181,11 @@ class MembraneWidget(JobWidget):
         full_shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
         index = tgt.index
         mv = int(self.membrane_value.value)
+        scale = float(self.scale.value) or None
 
         def make():
             return M.iter_predict_membrane(
-                trained, data, *(refs if refs is not None else (None, None)), membrane_value=mv,
+                trained, data, *(refs if refs is not None else (None, None)), membrane_value=mv, scale=scale,
                 n_refs=int(self.n_refs.value), threshold=float(self.threshold.value),
                 min_size=int(self.min_size.value), membrane_background=True, device=self.device)
 

@@ -84,7 +84,7 @@ def test_algorithm_code_never_imports_napari_or_qt():
 def test_cli_help_and_info():
     r = _run([PY, "-m", "napari_leakseg.cli.main", "--help"])
     assert r.returncode == 0 and "leakseg" in r.stdout and "info" in r.stdout
-    r = _run([PY, "-m", "napari_leakseg.cli.main", "info", "--json"])
+    r = _run([PY, "-m", "napari_leakseg.cli.main", "info", "--devices", "--json"])
     assert r.returncode == 0, r.stderr
     import json
 

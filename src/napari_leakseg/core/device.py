@@ -6,9 +6,8 @@ import os
 
 import torch
 
+from .choices import DEVICE_CHOICES
 from .errors import DeviceError
-
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def _mps_available() -> bool:

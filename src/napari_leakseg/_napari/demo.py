@@ -49,7 +49,7 @@ class Step:
     """One sample's demo: widget settings for a short run, then widget actions in order."""
 
     sample: str
-    caption: str
+    caption: str  # short: shown above the sample in the canvas
     settings: dict
     actions: tuple  # (method name, args) pairs, each starts one background job
     outputs: tuple  # output layers this step must produce
@@ -58,15 +58,15 @@ class Step:
 #: small settings (the widgets' defaults train 3-10x longer): the demo shows results, not the best
 #: results; its total compute is kept small for a 2-core laptop
 STEPS = (
-    Step("scribbles", "scribble segmentation (2 scribbled classes)",
+    Step("scribbles", "1 scribbles",
          {"max_iter": 30}, (("run", ()),), ("segmentation",)),
-    Step("membranes", "membrane prediction on slice 1 (only slice 0 is annotated)",
+    Step("membranes", "2 membranes (slice 1)",
          {"epochs": 2, "steps": 10, "crop": 96, "scope": "whole stack"},
          (("train", ()), ("predict", ())), ("membrane probability", "membrane", "cells")),
-    Step("sem", "SEM: low quality | restored",
+    Step("sem", "3 SEM: low | restored",
          {"mode": "paired (low + high)", "steps": 40, "crop": 64}, (("train", ()), ("apply", ())),
          ("restored",)),
-    Step("timelapse", "propagated labels at frame 19 (only frame 0 is annotated)",
+    Step("timelapse", "4 propagation (frame 19)",
          {"init_steps": 60, "steps": 1}, (("run", ("forward",)),), ("propagated labels",)),
 )
 #: how the demo shows each result once its job is done: layer -> properties
@@ -79,8 +79,8 @@ STEP_BY_SAMPLE = {s.sample: s for s in STEPS}
 
 #: canvas layout of the four samples: each tile is TILE world units high
 TILE, GAP = 400, 24
-#: the shown time point; the 2-slice membrane stack is stretched along axis 0 so
-#: that its second (unannotated) slice is shown together with the last frame
+#: the shown time point (the last frame of the time-lapse); the 2-slice membrane stack is
+#: moved along axis 0 so that its second (unannotated) slice is shown at the same point
 SHOW_T = 19
 
 
@@ -94,7 +94,7 @@ def build_viewer(sample: Optional[str] = None, show: bool = True):
 
     viewer = napari.Viewer(title="napari-leakseg demo", show=show)
     try:
-        viewer.window._qt_window.resize(1500, 950)
+        viewer.window._qt_window.resize(1700, 960)
     except Exception:  # pragma: no cover - headless without a Qt window
         pass
     keys = SAMPLES if sample is None else (sample,)
@@ -114,8 +114,19 @@ def build_viewer(sample: Optional[str] = None, show: bool = True):
 
         docks[front].raise_()
         QTimer.singleShot(0, docks[front].raise_)
+        QTimer.singleShot(0, lambda: _narrow_docks(viewer, list(docks.values())))
     viewer.reset_view()
     return viewer, widgets
+
+
+def _narrow_docks(viewer, docks, width: int = 430) -> None:
+    """Give the canvas the room: the tabified dock widgets get ``width`` pixels."""
+    from qtpy.QtCore import Qt
+
+    try:
+        viewer.window._qt_window.resizeDocks(docks, [width] * len(docks), Qt.Orientation.Horizontal)
+    except Exception:  # pragma: no cover - window closed
+        pass
 
 
 def _preset_pickers(viewer, widgets) -> None:
@@ -147,10 +158,10 @@ def lay_out(viewer) -> None:
             spatial = ly.data.shape[-3:-1] if getattr(ly, "rgb", False) else ly.data.shape[-2:]
             s = TILE / spatial[0]
             lead = ly.ndim - 2
-            # stacks: axis 0 is time/z; the 2-slice membrane stack spans 0..SHOW_T
-            t_scale = (SHOW_T / (ly.data.shape[0] - 1),) if key == "membranes" and lead else (1.0,) * lead
-            ly.scale = t_scale + (s, s)
-            ly.translate = (0.0,) * lead + tiles[key]
+            # stacks: axis 0 is time/z; the membrane stack's last slice sits at SHOW_T
+            t0 = (float(SHOW_T - ly.data.shape[0] + 1),) if key == "membranes" and lead else (0.0,) * lead
+            ly.scale = (1.0,) * lead + (s, s)
+            ly.translate = t0 + tiles[key]
     for name in ("SEM high quality", "membrane annotations", "cell labels"):
         if name in viewer.layers:
             viewer.layers[name].visible = False
@@ -171,7 +182,7 @@ def add_captions(viewer):
     return viewer.add_points(
         pts[keep], name="demo captions", size=1, face_color="transparent", border_width=0,
         features={"caption": [text[i] for i in keep]},
-        text={"string": "{caption}", "size": 11, "color": "white", "anchor": "upper_left",
+        text={"string": "{caption}", "size": 9, "color": "white", "anchor": "upper_left",
               "translation": [2, 6]})
 
 

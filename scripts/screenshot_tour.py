@@ -37,9 +37,11 @@ def close_toasts(viewer) -> None:
             w.close()
 
 
-#: the layers each tour picture fits the view to
-VIEW = {"scribbles": ("coffee",), "membranes": ("EM membranes",), "sem": ("SEM low quality", "restored"),
-        "timelapse": ("moving cells",)}
+def zoom_to(viewer, y0, x0, h, w, margin: float = 1.06) -> None:
+    """Centre the 2D view on a world rectangle and zoom so that it fills the canvas."""
+    ch, cw = viewer.canvas.size
+    viewer.camera.center = (y0 + h / 2, x0 + w / 2)
+    viewer.camera.zoom = min(ch / (h * margin), cw / (w * margin))
 
 
 def main() -> int:
@@ -68,10 +70,13 @@ def main() -> int:
     pump(app, 1.5)
     viewer.screenshot(str(OUT / "readme_demo.png"), canvas_only=False, flash=False)
     viewer.text_overlay.visible = False
+    tiles = D._tiles()
+    extent = {"scribbles": (D.TILE, 600), "membranes": (D.TILE, D.TILE),
+              "sem": (D.TILE, 2 * D.TILE + D.GAP), "timelapse": (D.TILE, D.TILE)}
     for key in D.SAMPLES:
         title = D.PRESETS[key][0]
         docks[title].raise_()
-        viewer.reset_view(layers=[viewer.layers[n] for n in VIEW[key] if n in viewer.layers], margin=0.04)
+        zoom_to(viewer, *tiles[key], *extent[key])
         close_toasts(viewer)
         pump(app, 1.0)
         viewer.screenshot(str(OUT / f"tour_{key}.png"), canvas_only=False, flash=False)

@@ -56,7 +56,8 @@ class Step:
 
 
 #: small settings (the widgets' defaults train 3-10x longer): the demo shows results, not the best
-#: results; its total compute is kept small for a 2-core laptop
+#: results; its total compute is kept small for a 2-core laptop (bench_runtime.py measures it;
+#: the membrane training is the longest job)
 STEPS = (
     Step("scribbles", "1 scribbles",
          {"max_iter": 30}, (("run", ()),), ("segmentation",)),

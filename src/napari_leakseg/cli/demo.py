@@ -17,8 +17,8 @@ def register(sub) -> None:
     p = sub.add_parser(
         "demo", help="open napari with all widgets docked, the sample data loaded and each widget run once",
         description="Open napari with the four widgets docked and their sample data side by side, and run "
-                    "each widget once on its sample in the background (about a minute of compute on two "
-                    "CPU cores, one job at a time, with progress in the activity panel), so that the "
+                    "each widget once on its sample in the background (six short jobs, one at a time, "
+                    "with progress in the activity panel), so that the "
                     "first screen shows four results. Uses PyQt6 when it is installed and QT_API is not set.")
     p.add_argument("--sample", choices=SAMPLES, default=None,
                    help="open only this sample (its widget in front) and run only its widget")

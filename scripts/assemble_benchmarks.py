@@ -79,6 +79,7 @@ one job at a time; {d['repeats']} runs, {d['qt']}, load average {d['load_avg_sta
 
 Jobs of the first run (s): {', '.join(f'{k} {v:.1f}' for k, v in jobs.items())}.
 All jobs succeeded in every run: {'yes' if d.get('all_ok') else '**no**'}.
+{('Note: ' + d['note'] + '.') if d.get('note') else ''}
 
 """
 

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["summary", "runtime", "scribble", "scribble_forest", "membrane", "membrane_diagnosis", "membrane_cross", "restore",
-         "propagate", "scale", "device"]
+ORDER = ["summary", "runtime", "cli", "scribble", "scribble_forest", "membrane", "membrane_diagnosis", "membrane_cross",
+         "restore", "propagate", "scale", "device"]
 
 HEADER = """# Benchmarks
 
@@ -52,6 +52,34 @@ micro-sam #740 reported a "massive slowdown" of computations in napari thread wo
 with napari ≥ 0.5. On napari {r['napari']} we do not see it: the worker keeps
 {m['worker_over_main']:.0%} of the main-thread throughput (a ratio ≥ 1 means no slowdown; the
 test suite asserts > 50 %, and a stall < 150 ms).
+
+""" + demo_section(r.get("demo"))
+
+
+def demo_section(d) -> str:
+    """The demo part of runtime.json (``bench_runtime.py`` runs ``leakseg demo``'s jobs)."""
+    if not d:
+        return ""
+    m = d["median"]
+    jobs = d["runs"][0]["jobs"] if d.get("runs") else {}
+    stall_ok = "met" if m["max_stall_ms"] < d.get("stall_limit_ms", 150) else "**missed**"
+    return f"""### The demo (`leakseg demo`): four results on start
+
+The same timer runs while the demo viewer runs its six jobs (each widget once on its sample,
+one job at a time; {d['repeats']} runs, {d['qt']}, load average {d['load_avg_start'][0]:.1f} at the start):
+
+| metric | median |
+|---|---|
+| longest event-loop stall (ms) | {m['max_stall_ms']:.0f} ({stall_ok}: < {d.get('stall_limit_ms', 150)} ms) |
+| 99th-percentile tick gap (ms) | {m['p99_stall_ms']:.0f} |
+| first result (scribble segmentation) shown after (s) | {m['first_result_s']:.1f} |
+| all four results after (s) | {m['all_results_s']:.1f} |
+| process RSS with the viewer, before the jobs (MB) | {m['rss_before_jobs_mb']:.0f} |
+| peak RSS during the jobs (MB) | {m['peak_rss_mb']:.0f} |
+
+Jobs of the first run (s): {', '.join(f'{k} {v:.1f}' for k, v in jobs.items())}.
+All jobs succeeded in every run: {'yes' if d.get('all_ok') else '**no**'}.
+{('Note: ' + d['note'] + '.') if d.get('note') else ''}
 
 """
 

@@ -6,10 +6,9 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
-from ..core import io
-from ..core.device import DEVICE_CHOICES
+# torch, numpy and the IO stack are imported inside the helpers that use them, so that
+# building the parser (``leakseg --help``, argument errors) stays fast
+from ..core.choices import DEVICE_CHOICES
 from ..core.jobs import Progress, run_job
 
 
@@ -59,11 +58,15 @@ def run_with_progress(gen, quiet: bool = False):
 
 
 def read(path, lazy: bool = True):
+    from ..core import io
+
     return io.imread(path, lazy=lazy)
 
 
 def write(path, data, *, overwrite: bool = False, kind: str = "labels", **zarr_kw):
     """Write an output by extension (refuses existing paths unless overwrite)."""
+    from ..core import io
+
     return io.imwrite(path, data, overwrite=overwrite, kind=kind, **zarr_kw)
 
 
@@ -74,6 +77,7 @@ def check_model_out(path, overwrite: bool = False, inputs=()):
     Checked before any training, so a bad path fails in a second, not after the run."""
     from pathlib import Path
 
+    from ..core import io
     from ..core.errors import InputError
 
     path = Path(path)
@@ -91,5 +95,7 @@ def parse_int_list(s: str | None) -> list[int] | None:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
-def as_numpy(a) -> np.ndarray:
+def as_numpy(a):
+    import numpy as np
+
     return np.asarray(a)

@@ -1,97 +1,106 @@
-"""``leakseg demo``: open napari with every widget docked and the sample data loaded."""
+"""``leakseg demo``: napari with every widget docked, the sample data loaded and each widget run once.
+
+The viewer itself is built by ``napari_leakseg._napari.demo``; this module only
+parses arguments and picks the Qt binding (imported lazily: ``leakseg --help``
+must not import napari).
+"""
 
 from __future__ import annotations
 
-WIDGETS = (
-    ("Scribble segmentation", "napari_leakseg._napari.widgets.scribble", "ScribbleWidget"),
-    ("Membrane segmentation", "napari_leakseg._napari.widgets.membrane", "MembraneWidget"),
-    ("SEM restoration", "napari_leakseg._napari.widgets.restore", "RestoreWidget"),
-    ("Label propagation", "napari_leakseg._napari.widgets.propagate", "PropagateWidget"),
-)
+import os
+import sys
+
 SAMPLES = ("scribbles", "membranes", "sem", "timelapse")
-#: which widget shows which sample, and the layer each of its pickers starts on
-PRESETS = {
-    "scribbles": ("Scribble segmentation", {"image": "coffee", "scribbles": "scribbles"}),
-    "membranes": ("Membrane segmentation", {"target": "EM membranes", "ref_image": "EM membranes",
-                                            "ref_labels": "membrane annotations"}),
-    "sem": ("SEM restoration", {"low": "SEM low quality", "high": "SEM high quality",
-                                "target": "SEM low quality"}),
-    "timelapse": ("Label propagation", {"image": "moving cells", "annotations": "cell labels"}),
-}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="open napari with all widgets docked and sample data loaded")
-    p.add_argument("--sample", choices=SAMPLES, default="scribbles",
-                   help="which sample to show first (all are loaded)")
-    p.add_argument("--screenshot", metavar="PATH", help="save a screenshot of the window (PNG)")
-    p.add_argument("--quit", action="store_true", help="close after loading (and the screenshot)")
+    p = sub.add_parser(
+        "demo", help="open napari with all widgets docked, the sample data loaded and each widget run once",
+        description="Open napari with the four widgets docked and their sample data side by side, and run "
+                    "each widget once on its sample in the background (six short jobs, one at a time, "
+                    "with progress in the activity panel), so that the "
+                    "first screen shows four results. Uses PyQt6 when it is installed and QT_API is not set.")
+    p.add_argument("--sample", choices=SAMPLES, default=None,
+                   help="open only this sample (its widget in front) and run only its widget")
+    p.add_argument("--no-run", action="store_true", help="do not run the widgets; just open the data")
+    p.add_argument("--screenshot", metavar="PATH",
+                   help="save a screenshot of the window (PNG) once the demo's jobs are done")
+    p.add_argument("--quit", action="store_true", help="close after the demo's jobs (and the screenshot)")
+    p.add_argument("--timeout", type=float, default=900.0, metavar="S",
+                   help="with --screenshot/--quit: stop waiting for the jobs after S seconds (default 900)")
     p.set_defaults(func=run)
 
 
-def build_viewer(sample: str = "scribbles", show: bool = True):
-    """Create the demo viewer; returns ``(viewer, {title: widget})``. Used by tests too."""
-    import importlib
+def qt_api_for_demo(environ=None) -> str | None:
+    """The Qt binding the demo uses: ``QT_API`` if set, else PyQt6 when installed, else qtpy's choice (None).
 
-    import napari
+    qtpy prefers PyQt5 when several bindings are installed, and napari shows a
+    deprecation notice for PyQt5, so the demo asks for PyQt6 explicitly.
+    """
+    import importlib.util
 
-    viewer = napari.Viewer(title="napari-leakseg demo", show=show)
-    try:
-        viewer.window._qt_window.resize(1500, 950)
-    except Exception:  # pragma: no cover - headless without a Qt window
-        pass
-    order = [s for s in SAMPLES if s != sample] + [sample]
-    for key in order:
-        viewer.open_sample("napari-leakseg", key)
-    # show only the chosen sample's layers (each sample adds two layers, added last)
-    chosen = {ly.name for ly in list(viewer.layers)[-2:]}
-    for ly in viewer.layers:
-        ly.visible = ly.name in chosen
-    widgets, docks = {}, {}
-    for title, mod, cls in WIDGETS:
-        try:
-            w = getattr(importlib.import_module(mod), cls)(viewer)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        docks[title] = viewer.window.add_dock_widget(w, name=title, area="right", tabify=True)
-        widgets[title] = w
-    _preset_pickers(viewer, widgets)
-    front = PRESETS[sample][0]
-    if front in docks:  # bring the chosen sample's widget to the front once the window is shown
-        from qtpy.QtCore import QTimer
-
-        docks[front].raise_()
-        QTimer.singleShot(0, docks[front].raise_)
-    viewer.reset_view()
-    return viewer, widgets
+    env = os.environ if environ is None else environ
+    if env.get("QT_API"):
+        return env["QT_API"].lower()
+    return "pyqt6" if importlib.util.find_spec("PyQt6") is not None else None
 
 
-def _preset_pickers(viewer, widgets) -> None:
-    """Point each widget's layer pickers at its own sample's layers."""
-    names = {ly.name: ly for ly in viewer.layers}
-    for title, picks in PRESETS.values():
-        w = widgets.get(title)
-        for attr, layer_name in picks.items():
-            picker = getattr(w, attr, None)
-            if picker is not None and layer_name in names and names[layer_name] in picker.choices:
-                picker.value = names[layer_name]
+def use_demo_qt_api() -> str | None:
+    """Set ``QT_API`` for this process (before qtpy is imported); returns the binding asked for."""
+    api = qt_api_for_demo()
+    if api and "qtpy" not in sys.modules:
+        os.environ["QT_API"] = api
+    return api
 
 
 def run(args) -> int:
+    use_demo_qt_api()
     import napari
     from qtpy.QtCore import QTimer
 
-    viewer, _ = build_viewer(args.sample)
-    if args.screenshot or args.quit:
-        def _finish():
+    from .._napari.demo import DemoRun, build_viewer, echo_notifications
+
+    echo_notifications()
+    viewer, widgets = build_viewer(args.sample)
+    state = {"rc": 0, "finished": False}
+
+    def finish(demo=None):
+        if state["finished"]:
+            return
+        state["finished"] = True
+        if demo is not None:
+            print("\n".join(["demo jobs:"] + demo.summary()
+                            + [f"demo: {'all jobs done' if demo.ok else 'NOT all jobs done'} in {demo.seconds:.0f} s"]),
+                  flush=True)
+            state["rc"] = 0 if demo.ok else 1
+        if not (args.screenshot or args.quit):
+            return
+
+        def _shoot():
             if args.screenshot:
                 viewer.screenshot(args.screenshot, canvas_only=False, flash=False)
-                print(f"screenshot saved to {args.screenshot}")
+                print(f"screenshot saved to {args.screenshot}", flush=True)
             if args.quit:
                 viewer.close()
 
-        QTimer.singleShot(1500, _finish)
+        QTimer.singleShot(1500, _shoot)  # let the last layers draw
+
+    demo = None
+    if not args.no_run:
+        samples = SAMPLES if args.sample is None else (args.sample,)
+        demo = DemoRun(viewer, widgets, samples=samples, layout=args.sample is None, on_finished=finish)
+        QTimer.singleShot(500, demo.start)  # once the window is up
+    else:
+        QTimer.singleShot(0, finish)
+    if args.screenshot or args.quit:
+        def _timeout():
+            if not state["finished"]:
+                print(f"demo: jobs not done after {args.timeout:.0f} s; stopping", file=sys.stderr, flush=True)
+                if demo is not None:
+                    demo.cancel()
+                state["rc"] = 1
+                finish()
+
+        QTimer.singleShot(int(args.timeout * 1000), _timeout)
     napari.run()
-    return 0
+    return state["rc"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import InputError
-from ..core.io import READ_EXT
 from .common import (add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, check_model_out, read,
                      run_with_progress, write)
 
@@ -23,6 +22,8 @@ from .common import (add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, c
 def _expand(items, what: str) -> list[Path]:
     """Files as given; a directory expands to its image files in natural (numeric) order."""
     import re
+
+    from ..core.io import READ_EXT
 
     out: list[Path] = []
     for it in items or []:

@@ -6,8 +6,6 @@ import json
 import sys
 import tempfile
 
-import numpy as np
-
 from . import common
 
 
@@ -53,6 +51,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
+
     from ..core import io
     from ..propagate import Propagator, check_ctc_folder, export_ctc, iter_link_instances
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-
-import numpy as np
-
 from . import common
 
 
@@ -49,6 +46,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
+
     from ..core import io, store
     from ..core.errors import InputError
     from ..scribble import iter_segment

@@ -8,9 +8,8 @@ import numpy as np
 
 import torch
 
+from .choices import DEVICE_CHOICES
 from .errors import DeviceError
-
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 
 
 def _mps_available() -> bool:

@@ -365,7 +365,7 @@ def main(argv=None):
 
 def merge_results(old, rows, run, speed, info):
     """Merge a (partial) run into the stored results; recompute targets and the summary."""
-    by = {r["method"]: r for r in old.get("rows", [])}
+    by = {r["method"]: r for r in old.get("rows", []) if r["method"] in TRAINING}  # drop retired methods
     by.update({r["method"]: r for r in rows})
     order = {m: i for i, m in enumerate(METHOD_ORDER)}
     merged = sorted(by.values(), key=lambda r: order.get(r["method"], len(order)))
@@ -481,7 +481,7 @@ Targets:
                f"{yes(t['self_supervised_within_0.05_of_paired'])}\n")
     if "every_learned_beats_classical_ssim" in t:
         md += f"- every learned method beats the classical denoisers on SSIM: {yes(t['every_learned_beats_classical_ssim'])}\n"
-    if "raw_psnr_gain_db_input_scale" in t:
+    if np.isfinite(t.get("raw_psnr_gain_db_input_scale", np.nan)):
         p = by["SSIM U-Net (paired)"]
         md += (f"- output on the input's scale: raw PSNR of the SSIM U-Net {p['psnr_raw']:.2f} dB (uint8 output vs the "
                f"raw 30 µs scan) against {p['psnr_raw_normalized']:.2f} dB for the old 0–1 output vs the normalised "

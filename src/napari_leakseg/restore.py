@@ -1,6 +1,6 @@
 """SEM restoration: an image-to-image U-Net with an SSIM loss, and a fabrication check.
 
-Plain torch/numpy (no napari, no Qt). Three training modes:
+Plain torch/numpy (no napari, no Qt). Training modes:
 
 * ``paired``: low- and high-quality images of the same field. The instrument's
   data bar is cropped (detected or given), the pair is registered to sub-pixel
@@ -9,11 +9,18 @@ Plain torch/numpy (no napari, no Qt). Three training modes:
   parameterised :class:`Degradation` (Poisson–Gaussian noise, Gaussian blur PSF,
   scan-line jitter, downsampling). :func:`estimate_degradation` estimates the
   parameters from a low-quality example.
-* ``self-supervised``: low-quality images only, Noise2Void-style blind-spot
-  masking (the loss is MSE on the masked pixels).
+* ``self-supervised``: low-quality images only. SEM noise is correlated along
+  the scan lines (rows) and independent between them; ``ss_method``:
+  ``lines`` (the even lines predict the odd ones, Noise2Noise-style; default),
+  ``nb2nb`` (Neighbor2Neighbor with neighbours on different lines) or ``n2v``
+  (structN2V: a blind spot along the scan line).
+* ``noise2noise``: two fast scans of each field (``low`` and ``low2``),
+  registered to each other.
 
 Losses: ``ssim`` (default: 0.84·(1−SSIM) + 0.16·L1, SSIM from ``pytorch_msssim``),
-``mse`` or ``l1``.
+``mse``, ``l1``, or ``pix2pix`` (a GAN with a PatchGAN discriminator, for
+comparison: it can fabricate). Restorations are returned on the input's
+intensity scale and dtype unless ``output`` asks otherwise.
 
 The fabrication check detects blobs (LoG) in the restored image and in a
 reference and counts fabricated and missed ones; without a reference,

@@ -1,6 +1,6 @@
 """SEM restoration: an image-to-image U-Net with an SSIM loss, and a fabrication check.
 
-Plain torch/numpy (no napari, no Qt). Three training modes:
+Plain torch/numpy (no napari, no Qt). Training modes:
 
 * ``paired``: low- and high-quality images of the same field. The instrument's
   data bar is cropped (detected or given), the pair is registered to sub-pixel
@@ -9,11 +9,18 @@ Plain torch/numpy (no napari, no Qt). Three training modes:
   parameterised :class:`Degradation` (Poisson–Gaussian noise, Gaussian blur PSF,
   scan-line jitter, downsampling). :func:`estimate_degradation` estimates the
   parameters from a low-quality example.
-* ``self-supervised``: low-quality images only, Noise2Void-style blind-spot
-  masking (the loss is MSE on the masked pixels).
+* ``self-supervised``: low-quality images only. SEM noise is correlated along
+  the scan lines (rows) and independent between them; ``ss_method``:
+  ``lines`` (the even lines predict the odd ones, Noise2Noise-style; default),
+  ``nb2nb`` (Neighbor2Neighbor with neighbours on different lines) or ``n2v``
+  (structN2V: a blind spot along the scan line).
+* ``noise2noise``: two fast scans of each field (``low`` and ``low2``),
+  registered to each other.
 
 Losses: ``ssim`` (default: 0.84·(1−SSIM) + 0.16·L1, SSIM from ``pytorch_msssim``),
-``mse`` or ``l1``.
+``mse``, ``l1``, or ``pix2pix`` (a GAN with a PatchGAN discriminator, for
+comparison: it can fabricate). Restorations are returned on the input's
+intensity scale and dtype unless ``output`` asks otherwise.
 
 The fabrication check detects blobs (LoG) in the restored image and in a
 reference and counts fabricated and missed ones; without a reference,
@@ -49,7 +56,11 @@ from .core.tiling import check_tile, iter_tiled
 from .core.unet import UNet, numpy_fn
 
 LOSSES = ("ssim", "mse", "l1")
-MODES = ("paired", "degrade", "self-supervised")
+#: adversarial (pix2pix) training: a comparison, it can fabricate structure
+GAN_LOSS = "pix2pix"
+MODES = ("paired", "degrade", "self-supervised", "noise2noise")
+#: self-supervised methods for SEM noise correlated along the scan lines (rows)
+SS_METHODS = ("lines", "nb2nb", "n2v")
 CAPABILITY = "restore"
 
 __all__ = [
@@ -437,6 +448,18 @@ def estimate_degradation(low, high=None) -> Degradation:
                        scan_corr=round(c, 2))
 
 
+def estimate_degradation_many(lows, high=None) -> Degradation:
+    """:func:`estimate_degradation` over several low-quality examples (median of each parameter)."""
+    lows = _as_list(lows, "low")
+    ests = [estimate_degradation(x, high).to_dict() for x in lows]
+    if len(ests) == 1:
+        return Degradation(**ests[0])
+    med = {k: float(np.median([e[k] for e in ests])) for k in ests[0]}
+    med["downsample"] = int(round(med["downsample"]))
+    med["blur"], med["scan_corr"] = round(med["blur"], 2), round(med["scan_corr"], 2)
+    return Degradation(**med)
+
+
 def estimate_scan_correlation(img) -> float:
     """Sigma (pixels) of the noise smoothing along rows, from the lag-1 correlation of the
     high-pass residual in flat regions (for Gaussian-smoothed white noise
@@ -617,22 +640,33 @@ def _val_split(img_pairs, crop, val_fraction):
     return train, val
 
 
-def _random_crops(pairs, n, crop, rng, augment=True, multiple=16):
+def _random_crops(pairs, n, crop, rng, augment="full", multiple=16):
+    """``n`` random (input, target) crops as two (n, 1, h, w) tensors.
+
+    ``augment``: ``"full"`` (90° rotations and flips), ``"flips"`` (horizontal
+    and vertical flips: keeps the scan direction horizontal, for methods that
+    rely on it), ``"hflip"`` (horizontal flips only: keeps "the row below" below)
+    or ``None``/``False``.
+    """
+    if augment is True:
+        augment = "full"
     xs, ys = [], []
     cy = min([crop] + [p[0].shape[0] // multiple * multiple for p in pairs])
     cx = min([crop] + [p[0].shape[1] // multiple * multiple for p in pairs])
-    if augment and cy != cx:
+    if augment == "full" and cy != cx:
         cy = cx = min(cy, cx)
     for _ in range(n):
         x, y = pairs[rng.integers(len(pairs))]
         H, W = x.shape
         i, j = rng.integers(0, H - cy + 1), rng.integers(0, W - cx + 1)
         a, b = x[i:i + cy, j:j + cx], y[i:i + cy, j:j + cx]
-        if augment:
+        if augment == "full":
             k = rng.integers(4)
             a, b = np.rot90(a, k), np.rot90(b, k)
-            if rng.random() < 0.5:
-                a, b = a[:, ::-1], b[:, ::-1]
+        if augment and rng.random() < 0.5:
+            a, b = a[:, ::-1], b[:, ::-1]
+        if augment == "flips" and rng.random() < 0.5:
+            a, b = a[::-1], b[::-1]
         xs.append(np.ascontiguousarray(a))
         ys.append(np.ascontiguousarray(b))
     return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ys)[:, None])
@@ -642,10 +676,11 @@ def _n2v_mask(x: np.ndarray, rng, frac: float, radius: int = 2, blind_x: int = 0
     """Blind-spot masking; returns (masked input, mask of the pixels that carry the loss).
 
     ``blind_x == 0``: Noise2Void, each masked pixel gets a random neighbour's
-    value. ``blind_x > 0`` (structured, for noise correlated along the scan
-    lines): the pixel and ``blind_x`` pixels either side of it in its row get
-    values of random pixels elsewhere in the crop, so the network cannot read
-    the correlated noise of the masked pixel from its row neighbours.
+    value. ``blind_x > 0`` (structN2V, for noise correlated along the scan
+    lines = the rows of ``x``): the pixel and ``blind_x`` pixels either side of
+    it in its row get values of random pixels elsewhere in the crop, so the
+    network cannot read the correlated noise of the masked pixel from its row
+    neighbours.
     """
     B, C, H, W = x.shape
     masked = x.copy()
@@ -669,6 +704,204 @@ def _n2v_mask(x: np.ndarray, rng, frac: float, radius: int = 2, blind_x: int = 0
     return masked, mask
 
 
+# --------------------------------------------------------------------------- self-supervised pieces
+def line_pairs(img: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Interleaved scan lines of one noisy image as two Noise2Noise pairs.
+
+    SEM noise is correlated along a scan line but independent between lines,
+    so the even and the odd lines are two noisy scans of (almost) the same
+    field, half a line apart. Pairs: even lines → odd lines (row 2k → 2k+1)
+    and odd lines → the next even lines (2k+1 → 2k+2): always "the line below".
+    """
+    K = img.shape[0] // 2
+    e, o = img[0:2 * K:2], img[1:2 * K:2]
+    return [(e, o), (o[:-1], e[1:])]
+
+
+def lines_fn(fn):
+    """Wrap a (C, h, w) tile function trained on :func:`line_pairs` to restore full tiles.
+
+    The even rows predict the odd rows and the odd rows the following even rows,
+    so every output row is estimated from the other lines only (a blind scan
+    line) at the resolution the network was trained at.
+    """
+
+    def run(t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, np.float32)
+        h = t.shape[1]
+        if h < 3:
+            return fn(t)
+        pe = fn(np.ascontiguousarray(t[:, 0::2]))  # row k → original row 2k+1
+        po = fn(np.ascontiguousarray(t[:, 1::2]))  # row k → original row 2k+2
+        out = np.empty((pe.shape[0], h, t.shape[2]), np.float32)
+        out[:, 1::2] = pe[:, :len(range(1, h, 2))]
+        out[:, 2::2] = po[:, :len(range(2, h, 2))]
+        out[:, 0] = pe[:, 0]
+        return out
+
+    return run
+
+
+def _nb2nb_indices(shape, gen: torch.Generator):
+    """Neighbor2Neighbor sub-sampler restricted to neighbours on different scan lines.
+
+    For every 2×2 cell: a random column and a random row order; the two
+    sub-images take the upper/lower pixel of that column (never two pixels of
+    the same line, whose noise is correlated). Returns two index tensors into
+    the flattened cell (0..3) of shape (B, 1, H/2, W/2).
+    """
+    B, _, H, W = shape
+    a = torch.randint(0, 2, (B, 1, H // 2, W // 2), generator=gen)
+    b = torch.randint(0, 2, (B, 1, H // 2, W // 2), generator=gen)
+    return 2 * a + b, 2 * (1 - a) + b
+
+
+def _nb2nb_sub(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    B, C, H, W = x.shape
+    cells = x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H // 2, W // 2, 4)
+    return torch.gather(cells, -1, idx.to(x.device)[..., None].expand(B, C, H // 2, W // 2, 1))[..., 0]
+
+
+def nb2nb_loss(net, x: torch.Tensor, gen: torch.Generator, gamma: float = 1.0) -> torch.Tensor:
+    """Neighbor2Neighbor loss (Huang et al., CVPR 2021) with the scan-line-aware sub-sampler."""
+    i1, i2 = _nb2nb_indices(x.shape, gen)
+    g1, g2 = _nb2nb_sub(x, i1), _nb2nb_sub(x, i2)
+    with torch.no_grad():
+        fx = net(x)
+    out = net(g1)
+    diff = out - g2
+    reg = diff - (_nb2nb_sub(fx, i1) - _nb2nb_sub(fx, i2))
+    return (diff ** 2).mean() + gamma * (reg ** 2).mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix PatchGAN discriminator on (input, output) pairs: 70×70 receptive field with 3 layers."""
+
+    def __init__(self, base: int = 32, layers: int = 3):
+        super().__init__()
+        seq = [nn.Conv2d(2, base, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch = base
+        for _ in range(1, layers):
+            seq += [nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True)]
+            ch *= 2
+        seq += [nn.Conv2d(ch, ch * 2, 4, 1, 1), nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True),
+                nn.Conv2d(ch * 2, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*seq)
+
+    def forward(self, x, y):
+        return self.net(torch.cat([x, y], 1))
+
+
+class _Pix2Pix:
+    """pix2pix training step (Isola et al. 2017): G loss = BCE(D(x, G(x)), real) + l1_weight·L1."""
+
+    def __init__(self, net, dev, steps, l1_weight: float = 100.0, lr_d: float = 2e-4):
+        self.net, self.l1_weight = net, l1_weight
+        self.disc = PatchDiscriminator().to(dev).train()
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=lr_d, betas=(0.5, 0.999))
+        self.bce = nn.BCEWithLogitsLoss()
+
+    def __call__(self, x, y, opt):
+        fake = self.net(x)
+        # discriminator
+        d_real, d_fake = self.disc(x, y), self.disc(x, fake.detach())
+        ld = 0.5 * (self.bce(d_real, torch.ones_like(d_real)) + self.bce(d_fake, torch.zeros_like(d_fake)))
+        self.opt_d.zero_grad()
+        ld.backward()
+        self.opt_d.step()
+        # generator
+        d_fake = self.disc(x, fake)
+        return self.bce(d_fake, torch.ones_like(d_fake)) + self.l1_weight * F.l1_loss(fake, y)
+
+
+# --------------------------------------------------------------------------- training
+def _self_supervised_method(method, lows):
+    """Resolve ``ss_method`` and the structN2V blind-spot width from the data."""
+    if method not in SS_METHODS:
+        raise InputError(f"unknown self-supervised method {method!r}; choose one of {', '.join(SS_METHODS)}")
+    sc = float(np.median([estimate_scan_correlation(x) for x in lows]))
+    return method, sc
+
+
+def _noise2noise_pairs(low, low2, bar, min_corr):
+    a_list, b_list = _as_list(low, "first-scan"), _as_list(low2, "second-scan")
+    if len(a_list) != len(b_list):
+        raise InputError(f"got {len(a_list)} first and {len(b_list)} second scans; Noise2Noise needs "
+                         "two scans of every field")
+    out = []
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        ag, bg = as_gray(a, f"scan A {i + 1}"), as_gray(b, f"scan B {i + 1}")
+        if ag.shape != bg.shape:
+            raise InputError(f"field {i + 1}: the two scans have different shapes {ag.shape} and {bg.shape}")
+        ac, crop = crop_data_bar(ag, bar)
+        t, bt, le, r = crop
+        bc = bg[t:bg.shape[0] - bt, le:bg.shape[1] - r]
+        try:  # each scan is the input once; the other is moved onto it
+            for x, y in ((ac, bc), (bc, ac)):
+                xr, yr, _, _ = register_pair(x, y, min_corr=min_corr)
+                lohi = percentile_range(xr)  # the input's own scale, as at inference
+                out.append((normalize(xr, lohi=lohi), normalize(yr, lohi=lohi)))
+        except InputError as e:
+            raise InputError(f"field {i + 1}: {e}") from None
+    return out
+
+
+def _training_pairs(mode, low, high, low2, degradation, estimate_from, bar, min_corr, ss_method, rng):
+    """(pairs, make_pairs or None, degradation or None, info dict) for a training mode."""
+    info: dict = {}
+    if mode == "paired":
+        if low is None or high is None:
+            raise InputError("paired training needs both low- and high-quality images")
+        return _prepare_pairs(low, high, bar, min_corr), None, None, info
+    if mode == "noise2noise":
+        if low is None or low2 is None:
+            raise InputError("Noise2Noise training needs two scans of every field (low and low2)")
+        return _noise2noise_pairs(low, low2, bar, min_corr), None, None, info
+    if mode == "degrade":
+        if high is None:
+            raise InputError("degradation training needs high-quality images")
+        highs = [normalize(crop_data_bar(as_gray(h, f"high image {i + 1}"), bar)[0])
+                 for i, h in enumerate(_as_list(high, "high"))]
+        if estimate_from is not None:
+            exs = [crop_data_bar(as_gray(e, "low-quality example"), bar)[0]
+                   for e in _as_list(estimate_from, "low")]
+            deg = estimate_degradation_many(exs, highs[0])
+            if degradation is not None:  # explicit settings override estimated ones
+                deg = Degradation(**{**deg.to_dict(), **Degradation.given(degradation)})
+        else:
+            deg = Degradation.parse(degradation)
+
+        def make_pairs():
+            return [(normalize(degrade(h, deg, rng)), h) for h in highs]
+
+        return make_pairs(), make_pairs, deg, info
+    if low is None:
+        raise InputError("self-supervised training needs low-quality images")
+    lows = [normalize(crop_data_bar(as_gray(x, f"low image {i + 1}"), bar)[0])
+            for i, x in enumerate(_as_list(low, "low"))]
+    method, sc = _self_supervised_method(ss_method, lows)
+    info.update(method=method, scan_corr=sc)
+    if method == "lines":
+        pairs = [p for x in lows for p in line_pairs(x)]
+    else:
+        pairs = [(x, x) for x in lows]
+    return pairs, None, None, info
+
+
+def _check_train_args(mode, loss, steps, batch_size, crop):
+    if mode not in MODES:
+        raise InputError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
+    if loss == GAN_LOSS:
+        if mode not in ("paired", "degrade"):
+            raise InputError("pix2pix (GAN) training needs clean targets: use it with paired or degrade mode")
+    else:
+        restoration_loss(loss)  # validate
+    if steps < 1 or batch_size < 1:
+        raise InputError("steps and batch size must be ≥ 1")
+    if crop < 32 or crop % 8:
+        raise InputError(f"crop {crop} must be a multiple of 8 and ≥ 32")
+
+
 def train_restore(
     low=None,
     high=None,
@@ -689,6 +922,8 @@ def train_restore(
     val_every: int = 25,
     n2v_fraction: float = 0.02,
     blind_x: int | str = "auto",
+    ss_method: str = "lines",
+    low2=None,
     seed: int | None = 0,
     device="auto",
     preview: bool = True,
@@ -696,61 +931,34 @@ def train_restore(
     """Train a restoration U-Net; a job generator yielding loss and validation SSIM.
 
     ``mode``: ``paired`` (``low`` and ``high`` lists of images of the same
-    fields), ``degrade`` (``high`` only, plus ``degradation`` settings or a
-    low-quality example ``estimate_from`` to estimate them from) or
-    ``self-supervised`` (``low`` only). ``None`` picks from what is given.
+    fields), ``degrade`` (``high`` only, plus ``degradation`` settings or
+    low-quality example(s) ``estimate_from`` to estimate them from),
+    ``self-supervised`` (``low`` only; ``ss_method`` ``lines``, ``nb2nb`` or
+    ``n2v``, see :data:`SS_METHODS`) or ``noise2noise`` (``low`` and ``low2``:
+    two fast scans of every field). ``None`` picks from what is given.
+    ``loss="pix2pix"`` trains a GAN (paired/degrade only; it can fabricate).
     Cancelling (``JobCancelled``) returns the best model so far (by validation
-    SSIM, or validation loss in self-supervised mode).
+    SSIM, or validation loss when there is no clean target).
     """
     if mode is None:
         mode = ("paired" if (low is not None and high is not None) else
+                "noise2noise" if (low is not None and low2 is not None) else
                 "degrade" if high is not None else "self-supervised")
-    if mode not in MODES:
-        raise InputError(f"unknown training mode {mode!r}; choose one of {', '.join(MODES)}")
-    restoration_loss(loss)  # validate
-    if steps < 1 or batch_size < 1:
-        raise InputError("steps and batch size must be ≥ 1")
-    if crop < 32 or crop % 8:
-        raise InputError(f"crop {crop} must be a multiple of 8 and ≥ 32")
+    _check_train_args(mode, loss, steps, batch_size, crop)
     rng = np.random.default_rng(seed)
     seed_everything(seed if seed is not None else int(rng.integers(1 << 31)))
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     dev = resolve_device(device)
 
-    deg = None
-    if mode == "paired":
-        if low is None or high is None:
-            raise InputError("paired training needs both low- and high-quality images")
-        pairs = _prepare_pairs(low, high, bar, min_corr)
-    elif mode == "degrade":
-        if high is None:
-            raise InputError("degradation training needs high-quality images")
-        highs = [normalize(crop_data_bar(as_gray(h, f"high image {i + 1}"), bar)[0])
-                 for i, h in enumerate(_as_list(high, "high"))]
-        if estimate_from is not None:
-            ex = crop_data_bar(as_gray(estimate_from, "low-quality example"), bar)[0]
-            deg = estimate_degradation(ex, highs[0])
-            if degradation is not None:  # explicit settings override estimated ones
-                deg = Degradation(**{**deg.to_dict(), **Degradation.given(degradation)})
-        else:
-            deg = Degradation.parse(degradation)
-
-        def make_pairs():
-            out = []
-            for h in highs:
-                x = degrade(h, deg, rng)
-                out.append((normalize(x), h))
-            return out
-
-        pairs = make_pairs()
-    else:
-        if low is None:
-            raise InputError("self-supervised training needs low-quality images")
-        lows = [normalize(crop_data_bar(as_gray(l, f"low image {i + 1}"), bar)[0])
-                for i, l in enumerate(_as_list(low, "low"))]
-        pairs = [(x, x) for x in lows]
-        if blind_x == "auto":  # structured blind spot when the noise is correlated along rows
-            sc = float(np.median([estimate_scan_correlation(x) for x in lows]))
-            blind_x = int(math.ceil(2 * sc)) if sc >= 0.3 else 0
+    pairs, make_pairs, deg, info = _training_pairs(mode, low, high, low2, degradation, estimate_from, bar,
+                                                   min_corr, ss_method, rng)
+    method = info.get("method")
+    noisy_target = mode in ("self-supervised", "noise2noise")
+    augment = {"lines": "hflip", "nb2nb": "flips", "n2v": "flips"}.get(method, "full")
+    if method == "n2v" and blind_x == "auto":  # structured blind spot when the noise is correlated along rows
+        blind_x = int(math.ceil(2 * info["scan_corr"])) if info["scan_corr"] >= 0.3 else 0
+    if method == "n2v" and blind_x == 0:
+        augment = "full"  # white noise: rotations are harmless
 
     small = [p[0].shape for p in pairs if min(p[0].shape) < 32]
     if small:
@@ -759,42 +967,65 @@ def train_restore(
     train_pairs, val_pairs = _val_split(pairs, crop, val_fraction)
 
     net = RestoreNet(base=base, depth=depth, norm=norm).to(dev)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999) if loss == GAN_LOSS else (0.9, 0.999))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss_fn = restoration_loss("mse" if mode == "self-supervised" else loss)
+    loss_fn = (_Pix2Pix(net, dev, steps) if loss == GAN_LOSS else
+               restoration_loss("mse" if noisy_target else loss))
     vrng = np.random.default_rng(12345)
-    val_batch = (_random_crops(val_pairs, 8, crop, vrng, augment=False, multiple=net.multiple) if val_pairs else
-                 _random_crops(train_pairs, 4, crop, vrng, augment=False, multiple=net.multiple))
-    if mode == "self-supervised":
+    vmult = max(net.multiple, 2 * net.multiple if method == "nb2nb" else 0)
+    val_batch = (_random_crops(val_pairs, 8, crop, vrng, augment=False, multiple=vmult) if val_pairs else
+                 _random_crops(train_pairs, 4, crop, vrng, augment=False, multiple=vmult))
+    if method == "n2v":
         vm, vmask = _n2v_mask(val_batch[0].numpy(), vrng, n2v_fraction, blind_x=blind_x)
         val_n2v = (torch.from_numpy(vm), torch.from_numpy(vmask))
+    vgen = torch.Generator().manual_seed(4321)
 
     meta = {
         "capability": CAPABILITY,
         "arch": dict(net.arch),
-        "train": dict(mode=mode, loss=loss, steps=steps, batch_size=batch_size, crop=crop, lr=lr,
+        "train": dict(mode=mode, loss=GAN_LOSS if loss == GAN_LOSS else ("mse" if noisy_target else loss),
+                      steps=steps, batch_size=batch_size, crop=crop, lr=lr,
                       seed=seed, n_images=len(pairs), val_fraction=val_fraction,
-                      n2v_fraction=n2v_fraction if mode == "self-supervised" else None,
-                      blind_x=blind_x if mode == "self-supervised" else None,
+                      ss_method=method,
+                      n2v_fraction=n2v_fraction if method == "n2v" else None,
+                      blind_x=blind_x if method == "n2v" else None,
                       degradation=deg.to_dict() if deg is not None else None),
         "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
+        "inference": "lines" if method == "lines" else "direct",
+        "gan": loss == GAN_LOSS,
         "output": "image",
     }
     best = {"score": -np.inf, "state": copy.deepcopy(net.state_dict()), "step": 0, "val": None}
     throttle = Throttle(1.0)
     history = []
 
+    def batch_loss(x, y, on_val=False):
+        """Loss of one batch (input x, target y) for the chosen method."""
+        if method == "n2v":
+            if on_val:
+                xm, mk = val_n2v
+            else:
+                xm, mk = (torch.from_numpy(a) for a in _n2v_mask(x.numpy(), rng, n2v_fraction, blind_x=blind_x))
+            p = net(xm.to(dev))
+            mk = mk.to(dev)
+            return ((p - x.to(dev)) ** 2 * mk).sum() / mk.sum()
+        if method == "nb2nb":
+            return nb2nb_loss(net, x.to(dev), vgen if on_val else gen)
+        if loss == GAN_LOSS and not on_val:
+            return loss_fn(x.to(dev), y.to(dev), opt)
+        if on_val:
+            return F.mse_loss(net(x.to(dev)), y.to(dev))
+        return loss_fn(net(x.to(dev)), y.to(dev))
+
     def validate():
         net.eval()
         with torch.no_grad():
-            if mode == "self-supervised":
-                xm, mk = val_n2v
-                p = net(xm.to(dev)).cpu()
-                vloss = float(((p - val_batch[0]) ** 2 * mk).sum() / mk.sum())
-                score, vs = -vloss, None
-                pred = net(val_batch[0].to(dev)).cpu()
+            pred = net(val_batch[0].to(dev)).cpu()
+            if noisy_target:  # no clean target: the self-supervised loss on held-out data
+                if method == "nb2nb":
+                    vgen.manual_seed(4321)
+                score, vs = -float(batch_loss(val_batch[0], val_batch[1], on_val=True)), None
             else:
-                pred = net(val_batch[0].to(dev)).cpu()
                 vs = float(ssim(pred, val_batch[1]))
                 score = vs
         net.train()
@@ -812,17 +1043,11 @@ def train_restore(
     step = 0
     try:
         for step in range(1, steps + 1):
-            if mode == "degrade" and step % 20 == 0:
+            if make_pairs is not None and step % 20 == 0:
                 train_pairs, _ = _val_split(make_pairs(), crop, val_fraction)
-            x, y = _random_crops(train_pairs, batch_size, crop, rng, multiple=net.multiple)
-            if mode == "self-supervised":
-                xm, mk = _n2v_mask(x.numpy(), rng, n2v_fraction, blind_x=blind_x)
-                p = net(torch.from_numpy(xm).to(dev))
-                mk = torch.from_numpy(mk).to(dev)
-                lval = ((p - x.to(dev)) ** 2 * mk).sum() / mk.sum()
-            else:
-                p = net(x.to(dev))
-                lval = loss_fn(p, y.to(dev))
+            x, y = _random_crops(train_pairs, batch_size, crop, rng, augment=augment,
+                                 multiple=2 * net.multiple if method == "nb2nb" else net.multiple)
+            lval = batch_loss(x, y)
             opt.zero_grad()
             lval.backward()
             opt.step()
@@ -838,12 +1063,12 @@ def train_restore(
                 if score > best["score"]:
                     best.update(score=score, state=copy.deepcopy(net.state_dict()), step=step, val=vs)
                 metrics["val_ssim"] = vs
-                if mode == "self-supervised":
+                if noisy_target:
                     metrics["val_loss"] = -score
                 if preview and throttle():
                     prev = pred[0, 0].numpy()
             msg = f"step {step}/{steps} loss {lv:.4f}"
-            if "val_ssim" in metrics and metrics["val_ssim"] is not None:
+            if metrics.get("val_ssim") is not None:
                 msg += f" val SSIM {metrics['val_ssim']:.3f}"
             yield Progress(step, steps, msg, preview=prev, metrics=metrics)
     except JobCancelled:
@@ -859,11 +1084,21 @@ def train(*args, callback=None, **kw) -> RestoreModel:
 
 
 # --------------------------------------------------------------------------- inference
+#: output intensity scales: the input's dtype and range (default), the input's
+#: scale as float32, or the normalised training scale (≈ 0–1, float32)
+OUTPUTS = ("input", "float", "normalized")
+
+
+def _tile_fn(net, dev, metadata):
+    fn = numpy_fn(net, dev, multiple=net.multiple)
+    return lines_fn(fn) if (metadata or {}).get("inference") == "lines" else fn
+
+
 def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
-    """A :class:`~napari_leakseg.core.predictor.Predictor` for ``leakseg apply``."""
+    """A :class:`~napari_leakseg.core.predictor.Predictor` for ``leakseg apply`` (normalised output)."""
     net = _build(state_dict, metadata, device)
     dev = next(net.parameters()).device
-    return Predictor(fn=numpy_fn(net, dev, multiple=net.multiple), in_channels=1, out_channels=1,
+    return Predictor(fn=_tile_fn(net, dev, metadata), in_channels=1, out_channels=1,
                      finalize=lambda b: np.asarray(b)[0].astype(np.float32), output="image",
                      halo=32, tile=512, capability=CAPABILITY, metadata=metadata)
 
@@ -879,22 +1114,92 @@ def _get_model(model, device) -> RestoreModel:
 MIN_TILE = 32
 
 
+def _check_output(output):
+    if output not in OUTPUTS:
+        raise InputError(f"unknown output scale {output!r}; choose one of {', '.join(OUTPUTS)}")
+
+
+def input_scale_fit(restored, image) -> tuple[float, float]:
+    """Gain and offset that put a restoration on the input's intensity scale.
+
+    Least squares of the input on the restoration: the input is the signal plus
+    zero-mean noise, so the fit is unbiased by the noise (fitting the other way
+    round would be). ``restored``/``image`` may be large or lazy (a strided
+    subsample of both is used).
+    """
+    from .core.normalize import _subsample
+
+    y = _subsample(restored).astype(np.float64).ravel()
+    x = _subsample(image).astype(np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    y, x = y[ok], x[ok]
+    vy = float(y.var())
+    if y.size < 2 or vy <= 1e-20:
+        return 1.0, 0.0
+    g = float(((y - y.mean()) * (x - x.mean())).mean() / vy)
+    return g, float(x.mean() - g * y.mean())
+
+
+def _cast_like(y, dtype):
+    """Round and clip to an integer dtype's range (kept as float32 when ``dtype`` is float)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(y), info.min, info.max)
+    return y
+
+
+def _to_input_scale(y, g, nb, dtype, output):
+    """Map a normalised restoration ``y`` onto the input ``g`` (2D float32), bar rows copied back."""
+    gain, off = input_scale_fit(y[: y.shape[0] - nb] if nb else y, g[: g.shape[0] - nb] if nb else g)
+    out = (gain * y.astype(np.float64) + off).astype(np.float32)
+    if nb:  # the instrument's data bar is not restored: keep it as it was
+        out[-nb:] = g[-nb:]
+    if output == "input":
+        out = _cast_like(out, dtype).astype(dtype if np.dtype(dtype).kind in "iu" else np.float32)
+    return out
+
+
+def _rescale_out(out, src, dtype, output, band: int = 1024):
+    """In-place mapping of a (1, Y, X) zarr/numpy output onto the input scale, in row bands."""
+    gain, off = input_scale_fit(out[0], src)
+    for y0 in range(0, out.shape[1], band):
+        v = gain * np.asarray(out[0, y0:y0 + band], np.float64) + off
+        out[0, y0:y0 + band] = (_cast_like(v, dtype) if output == "input" else v).astype(np.float32)
+    return out
+
+
+def output_dtype(image, output="input"):
+    """The dtype :func:`iter_restore` returns for ``image`` (bool/float → float32)."""
+    dt = np.dtype(getattr(image, "dtype", np.float32))
+    return dt if (output == "input" and dt.kind in "iu") else np.dtype(np.float32)
+
+
 def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
-                 exclude_bar: bool = True):
+                 exclude_bar: bool = True, output: str = "input"):
     """Restore one 2D image (numpy, zarr or dask; gray or RGB); a job generator.
 
     The input is normalised with its own percentiles (computed without the data
     bar when one is detected) and processed in overlapping blended tiles, so
     memory is bounded for huge images (pass a zarr ``out`` of shape (1, Y, X)).
-    Returns float32 (Y, X) in the normalised intensity scale of the training
-    target (≈ [0, 1]).
+
+    ``output``: ``"input"`` (default) returns the restoration on the input's
+    intensity scale *and dtype* (uint8 in → uint8 out, rounded and clipped to
+    the dtype's range; float in → float32), placed there by a least-squares
+    fit to the input (:func:`input_scale_fit`), with the detected data bar
+    copied unchanged; ``"float"`` the same scale as float32 without rounding or
+    clipping; ``"normalized"`` float32 in the normalised scale of the training
+    target (≈ [0, 1]). A zarr ``out`` is float32: it holds the values, cast
+    them with :func:`output_dtype`.
     """
     check_tile(tile, overlap, MIN_TILE)
+    _check_output(output)
     rm = _get_model(model, device)
     net = rm.net
     dev = next(net.parameters()).device
     shape = tuple(getattr(image, "shape", ()))
     big = len(shape) == 2 and shape[0] * shape[1] > 4096 * 4096
+    nb = 0
     if big:  # stay lazy: only a strided sample for the percentiles
         check_image(image, "image")
         src = image
@@ -916,21 +1221,27 @@ def iter_restore(model, image, tile: int = 512, overlap: int = 48, device="auto"
         def __getitem__(self, sl):
             return np.asarray(self.a[sl[1:]], np.float32)[None]
 
-    fn = numpy_fn(net, dev, multiple=net.multiple)
+    fn = _tile_fn(net, dev, rm.metadata)
     res = yield from iter_tiled(fn, _CYX(src), tile=tile, overlap=overlap, out=out,
                                 preprocess=lambda t: (t.astype(np.float32) - lo) * scale)
-    return res if out is not None else res[0]
+    dtype = output_dtype(image, output)
+    if out is not None:
+        return res if output == "normalized" else _rescale_out(res, src, dtype, output)
+    if output == "normalized":
+        return res[0]
+    return _to_input_scale(res[0], src, nb, dtype, output)
 
 
 def restore_image(model, image, tile: int = 512, overlap: int = 48, device="auto", out=None,
-                  callback=None) -> np.ndarray:
-    """Restore a 2D image or a stack (N, Y, X); see :func:`iter_restore`."""
+                  callback=None, output: str = "input") -> np.ndarray:
+    """Restore a 2D image or a stack (N, Y, X); see :func:`iter_restore` (``output`` scale)."""
     check_tile(tile, overlap, MIN_TILE)
     rm = _get_model(model, device)
     a = image
     if getattr(a, "ndim", np.ndim(a)) == 3 and a.shape[-1] not in (3, 4):
-        return np.stack([restore_image(rm, a[i], tile, overlap, device) for i in range(a.shape[0])])
-    return run_job(iter_restore(rm, a, tile, overlap, device, out), callback).value
+        return np.stack([restore_image(rm, a[i], tile, overlap, device, output=output)
+                         for i in range(a.shape[0])])
+    return run_job(iter_restore(rm, a, tile, overlap, device, out, output=output), callback).value
 
 
 # --------------------------------------------------------------------------- fabrication check
@@ -1035,11 +1346,13 @@ def fabrication_risk_map(noisy, restored, scales: Sequence[float] = (1.0, 2.0, 4
     return z.astype(np.float32)
 
 
-def iter_apply(model, image, risk_map: bool = False, tile: int = 512, overlap: int = 48, device="auto"):
+def iter_apply(model, image, risk_map: bool = False, tile: int = 512, overlap: int = 48, device="auto",
+               output: str = "input"):
     """Restore a 2D image (gray/RGB) or a stack (N, Y, X[, C]); a job generator.
 
-    Returns ``{"restored": float32, "risk": float32 or None, "done": n}``; the
-    shape is the input's without a colour axis. Cancelling returns the slices
+    Returns ``{"restored": array, "risk": float32 or None, "done": n}``; the
+    shape is the input's without a colour axis, the scale and dtype as chosen
+    by ``output`` (see :func:`iter_restore`; default: the input's). Cancelling returns the slices
     done so far (the rest stay 0).
     """
     rm = _get_model(model, device)
@@ -1058,7 +1371,7 @@ def iter_apply(model, image, risk_map: bool = False, tile: int = 512, overlap: i
     try:
         for i, s in enumerate(slices):
             s = np.asarray(s)
-            y = yield from iter_restore(rm, s, tile=tile, overlap=overlap, device=device)
+            y = yield from iter_restore(rm, s, tile=tile, overlap=overlap, device=device, output=output)
             outs.append(y)
             if risk_map:
                 risks.append(fabrication_risk_map(s, y))
@@ -1070,7 +1383,7 @@ def iter_apply(model, image, risk_map: bool = False, tile: int = 512, overlap: i
             raise
     shape = outs[0].shape
     while len(outs) < len(slices):
-        outs.append(np.zeros(shape, np.float32))
+        outs.append(np.zeros(shape, outs[0].dtype))
         if risk_map:
             risks.append(np.zeros(shape, np.float32))
     restored = np.stack(outs) if stack else outs[0]

@@ -42,8 +42,8 @@ def test_restore_trained_on_cuda_predicts_the_same_on_cpu(tmp_path):
     m = R.train(low=[low], high=[clean], loss="ssim", steps=20, batch_size=2, crop=32, base=8, depth=2,
                 seed=0, device="cuda")
     p = m.save(tmp_path / "r.pt")
-    gpu = R.restore_image(R.RestoreModel.load(p), low, device="cuda")
-    cpu = R.restore_image(R.RestoreModel.load(p), low, device="cpu")
+    gpu = R.restore_image(R.RestoreModel.load(p), low, device="cuda", output="normalized")
+    cpu = R.restore_image(R.RestoreModel.load(p), low, device="cpu", output="normalized")
     np.testing.assert_allclose(gpu, cpu, atol=2e-3)
 
 

@@ -34,7 +34,7 @@ def test_train_apply_paired_with_risk(files, capsys):
                  "--risk-map", "-q"]) == 0
     y = tifffile.imread(out)
     r = tifffile.imread(files / "restored_risk.tif")
-    assert y.shape == (96, 96) and y.dtype == np.float32 and np.isfinite(y).all()
+    assert y.shape == (96, 96) and y.dtype == np.uint8  # RGB uint8 in: grey uint8 out
     assert r.shape == (96, 96) and (r >= 0).all()
     # refuses to overwrite
     assert main(["restore", "apply", "--model", str(m), str(files / "low.tif"), "--out", str(out), "-q"]) == 2
@@ -78,3 +78,47 @@ def test_cli_errors(files, capsys):
     assert main(["restore", "train", "--low", str(files / "low.tif"), "--high", str(files / "small.tif"),
                  "--out", str(files / "x.pt")] + FAST) == 2
     assert "different shapes" in capsys.readouterr().err
+
+
+def test_apply_keeps_input_dtype_unless_asked(files, tmp_path):
+    m = tmp_path / "ss.pt"
+    assert main(["restore", "train", "--low", str(files / "low.npy"), "--self-supervised", "--method", "lines",
+                 "--out", str(m)] + FAST) == 0
+    low = np.load(files / "low.npy")
+    assert low.dtype == np.uint8
+    assert main(["restore", "apply", "--model", str(m), str(files / "low.npy"), "--out", str(tmp_path / "a.tif"),
+                 "-q"]) == 0
+    a = tifffile.imread(tmp_path / "a.tif")
+    assert a.dtype == np.uint8 and a.shape == low.shape and abs(float(a.mean()) - float(low.mean())) < 5
+    assert main(["restore", "apply", "--model", str(m), str(files / "low.npy"), "--out", str(tmp_path / "n.tif"),
+                 "--output-scale", "normalized", "-q"]) == 0
+    n = tifffile.imread(tmp_path / "n.tif")
+    assert n.dtype == np.float32 and float(n.max()) < 3
+
+
+def test_pix2pix_warns_and_writes_risk_map(files, tmp_path, capsys):
+    m = tmp_path / "gan.pt"
+    assert main(["restore", "train", "--low", str(files / "low.tif"), "--high", str(files / "high.tif"),
+                 "--loss", "pix2pix", "--out", str(m)] + FAST) == 0
+    assert "can invent particles" in capsys.readouterr().err
+    out = tmp_path / "g.tif"
+    assert main(["restore", "apply", "--model", str(m), str(files / "low.tif"), "--out", str(out), "-q"]) == 0
+    assert "GAN" in capsys.readouterr().err
+    assert (tmp_path / "g_risk.tif").exists()  # the risk map is on for GAN models
+
+
+def test_noise2noise_and_similar_sample(files, tmp_path, capsys):
+    low = np.load(files / "low.npy")
+    np.save(tmp_path / "b.npy", np.roll(low, 1, axis=1))  # a second scan, drifted by one pixel
+    assert main(["restore", "train", "--noise2noise", "--low", str(files / "low.npy"), "--low2",
+                 str(tmp_path / "b.npy"), "--out", str(tmp_path / "n2n.pt")] + FAST) == 0
+    # a clean image of a similar sample: the degradation is estimated from the low images
+    assert main(["restore", "train", "--self-supervised", "--low", str(files / "low.npy"), str(files / "low2.npy"),
+                 "--high", str(files / "high.tif"), "--out", str(tmp_path / "sim.pt")] + FAST) == 0
+    from napari_leakseg import restore as R
+
+    meta = R.RestoreModel.load(tmp_path / "sim.pt").metadata["train"]
+    assert meta["mode"] == "degrade" and meta["degradation"]["gaussian"] > 0
+    assert main(["restore", "train", "--low", str(files / "low.npy"), "--low2", str(tmp_path / "b.npy"),
+                 "--out", str(tmp_path / "x.pt"), "-q"]) == 2
+    assert "--noise2noise" in capsys.readouterr().err

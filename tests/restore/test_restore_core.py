@@ -183,15 +183,16 @@ def test_train_paired_degrade_selfsup(sem, tmp_path):
     assert m.metadata["train"]["mode"] == "paired"
     assert any(e.metrics.get("val_ssim") is not None for e in events)
     assert all(np.isfinite(e.metrics["loss"]) for e in events)
-    out = R.restore_image(m, low)
+    out = R.restore_image(m, low, output="normalized")
     assert out.shape == low.shape and out.dtype == np.float32 and np.isfinite(out).all()
+    assert R.restore_image(m, low).dtype == np.uint8  # the default keeps the input's dtype
     # determinism given a seed
     m2 = R.train(low=[low], high=[clean], loss="ssim", **_quick())  # same seed
-    assert np.allclose(R.restore_image(m2, low), out, atol=1e-5)
+    assert np.allclose(R.restore_image(m2, low, output="normalized"), out, atol=1e-5)
     # save / load / predictor
     p = m.save(tmp_path / "r.pt")
     loaded = R.RestoreModel.load(p)
-    assert np.allclose(R.restore_image(loaded, low), out, atol=1e-5)
+    assert np.allclose(R.restore_image(loaded, low, output="normalized"), out, atol=1e-5)
     from napari_leakseg.core.predictor import load_predictor
 
     pred = load_predictor(p, device=DEVICE)
@@ -236,10 +237,10 @@ def test_tiled_equals_untiled(sem):
     clean, low, _ = sem
     m = R.train(low=[low], high=[clean], **_quick(steps=6))
     big = np.tile(low, (2, 2))  # 256×256
-    whole = R.restore_image(m, big, tile=256)
-    tiled = R.restore_image(m, big, tile=96, overlap=32)
+    whole = R.restore_image(m, big, tile=256, output="normalized")
+    tiled = R.restore_image(m, big, tile=96, overlap=32, output="normalized")
     assert np.abs(whole - tiled).mean() < 0.01 and np.abs(whole - tiled).max() < 0.1
-    stack = R.restore_image(m, np.stack([low, low]))
+    stack = R.restore_image(m, np.stack([low, low]), output="normalized")
     assert stack.shape == (2,) + low.shape and np.allclose(stack[0], stack[1])
 
 

@@ -36,6 +36,7 @@ def test_widget_paired_degrade_selfsup_apply_risk_save_load(make_napari_viewer, 
     assert w.apply()
     _wait(qtbot, w)
     assert viewer.layers[OUT_RESTORED].data.shape == low.shape
+    assert viewer.layers[OUT_RESTORED].data.dtype == low.dtype  # on the input's scale by default
     assert viewer.layers[OUT_RISK].data.shape == low.shape
     w.risk.value = False
     assert not viewer.layers[OUT_RISK].visible
@@ -54,13 +55,16 @@ def test_widget_paired_degrade_selfsup_apply_risk_save_load(make_napari_viewer, 
     assert w.train()
     _wait(qtbot, w)
     assert w.model.metadata["train"]["mode"] == "self-supervised"
-    # stack apply
+    assert w.model.metadata["train"]["ss_method"] == "lines"
+    # stack apply, normalised output
     st = viewer.add_image(np.stack([low, low[::-1]]), name="stack")
     w.target.value = st
     w.scope.value = "whole stack"
+    w.output.value = "normalised (0-1)"
     assert w.apply()
     _wait(qtbot, w)
     assert viewer.layers[OUT_RESTORED].data.shape == (2,) + low.shape
+    assert viewer.layers[OUT_RESTORED].data.dtype == np.float32
     # save / load
     p = tmp_path / "r.pt"
     assert w.save_model(p) and p.exists()

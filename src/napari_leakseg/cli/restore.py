@@ -3,13 +3,18 @@
     leakseg restore train --low L1.tif L2.tif --high H1.tif H2.tif --out model.pt
     leakseg restore train --high H1.tif --degrade noise=0.08,blur=0.8 --out model.pt
     leakseg restore train --high H1.tif --estimate-from L1.tif --out model.pt
-    leakseg restore train --low L1.tif --self-supervised --out model.pt
+    leakseg restore train --low L1.tif L2.tif --self-supervised [--method lines|nb2nb|n2v] --out model.pt
+    leakseg restore train --low L1.tif --self-supervised --high SIMILAR.tif --out model.pt
+    leakseg restore train --low A1.tif --low2 B1.tif --noise2noise --out model.pt
+    leakseg restore train --low L1.tif --high H1.tif --loss pix2pix --out gan.pt   (GAN: can fabricate)
     leakseg restore apply --model model.pt IMAGE.tif --out restored.tif [--risk-map]
+                          [--output-scale input|float|normalized]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from .common import (add_device_arg, add_out_arg, add_quiet_arg, add_seed_arg, check_model_out, read,
@@ -46,10 +51,19 @@ def register(sub) -> None:
                    "values are in units of the clean image scaled to [0, 1]")
     t.add_argument("--estimate-from", metavar="IMAGE", help="estimate the degradation from this low-quality "
                    "example (train from --high only; --degrade values override the estimate)")
-    t.add_argument("--self-supervised", action="store_true", help="train from --low only (blind-spot, "
-                   "Noise2Void-style)")
-    t.add_argument("--loss", choices=("ssim", "mse", "l1"), default="ssim",
-                   help="ssim = 0.84·(1−SSIM) + 0.16·L1 (default), mse or l1")
+    t.add_argument("--self-supervised", action="store_true", help="train from --low only (no clean image); "
+                   "with --high (a clean image of a similar sample, not the same field) the degradation is "
+                   "estimated from the --low images and applied to --high instead")
+    t.add_argument("--method", choices=("lines", "nb2nb", "n2v"), default="lines",
+                   help="self-supervised method for SEM noise correlated along the scan lines: lines (even "
+                        "scan lines predict odd ones, default), nb2nb (Neighbor2Neighbor with neighbours on "
+                        "different lines) or n2v (structN2V blind spot along the scan line)")
+    t.add_argument("--noise2noise", action="store_true", help="Noise2Noise: --low and --low2 are two fast "
+                   "scans of the same fields (in the same order); they are registered to each other")
+    t.add_argument("--low2", nargs="+", metavar="IMAGE", help="second scans of the --low fields (--noise2noise)")
+    t.add_argument("--loss", choices=("ssim", "mse", "l1", "pix2pix"), default="ssim",
+                   help="ssim = 0.84·(1−SSIM) + 0.16·L1 (default), mse, l1, or pix2pix (a GAN, for "
+                        "comparison: it can invent particles; its models always write a risk map)")
     t.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     t.add_argument("--crop", type=int, default=128, help="training crop size (default 128)")
     t.add_argument("--batch-size", type=int, default=4)
@@ -68,6 +82,9 @@ def register(sub) -> None:
                         "(<name>_restored.tif); never overwritten unless --overwrite")
     a.add_argument("--risk-map", action="store_true", help="also write the fabrication-risk map "
                    "(<out>_risk.<ext>): z-score of structure the input does not support")
+    a.add_argument("--output-scale", choices=("input", "float", "normalized"), default="input",
+                   help="input (default): the input's dtype and intensity range (uint8 in, uint8 out); "
+                        "float: the input's intensity scale as float32; normalized: float32 ≈ 0-1")
     a.add_argument("--tile", type=int, default=512, help="tile size for large images (default 512)")
     add_device_arg(a)
     add_quiet_arg(a)
@@ -84,11 +101,24 @@ def run_train(args) -> int:
     from .. import restore as R
 
     out = check_model_out(args.out, args.overwrite,
-                          list(args.low or []) + list(args.high or []) + [args.estimate_from])
-    if args.self_supervised:
-        if not args.low or args.high:
-            raise InputError("--self-supervised trains from --low images only (drop --high)")
-        mode = "self-supervised"
+                          list(args.low or []) + list(args.low2 or []) + list(args.high or [])
+                          + [args.estimate_from])
+    est = None
+    if args.low2 and not args.noise2noise:
+        raise InputError("--low2 is for --noise2noise (two scans of the same fields)")
+    if args.noise2noise:
+        if not args.low or not args.low2 or args.high or args.self_supervised:
+            raise InputError("--noise2noise trains from --low and --low2 (two scans of each field) only")
+        mode = "noise2noise"
+    elif args.self_supervised:
+        if not args.low:
+            raise InputError("--self-supervised needs --low images")
+        if args.degrade:
+            raise InputError("--degrade goes with --high alone; with --self-supervised --high the "
+                             "degradation is estimated from the --low images")
+        mode = "degrade" if args.high else "self-supervised"
+        if args.high:  # a clean image of a similar sample: the degradation is estimated from the lows
+            est = _load_all(args.low)
     elif args.degrade or args.estimate_from:
         if not args.high or args.low:
             raise InputError("--degrade/--estimate-from train from --high images only (drop --low)")
@@ -98,12 +128,19 @@ def run_train(args) -> int:
     else:
         raise InputError("give --low and --high (paired), --high with --degrade or --estimate-from, "
                          "or --low with --self-supervised")
-    low = _load_all(args.low) if args.low else None
+    if args.loss == "pix2pix":
+        print("warning: pix2pix (GAN) training can invent particles that are not in the sample; use it for "
+              "comparison, and check its output with the fabrication-risk map (written by 'apply')",
+              file=sys.stderr)
+    low = _load_all(args.low) if args.low and mode != "degrade" else None
+    low2 = _load_all(args.low2) if args.low2 else None
     high = _load_all(args.high) if args.high else None
-    est = read(args.estimate_from, lazy=False) if args.estimate_from else None
-    gen = R.train_restore(low=low, high=high, mode=mode, loss=args.loss, degradation=args.degrade,
+    if args.estimate_from:
+        est = read(args.estimate_from, lazy=False)
+    gen = R.train_restore(low=low, high=high, low2=low2, mode=mode, loss=args.loss, degradation=args.degrade,
                           estimate_from=est, steps=args.steps, crop=args.crop, batch_size=args.batch_size,
-                          bar=args.bar, seed=args.seed, device=args.device, preview=False)
+                          ss_method=args.method, bar=args.bar, seed=args.seed, device=args.device,
+                          preview=False)
     model = run_with_progress(gen, args.quiet)
     if model is None:
         return 130
@@ -111,7 +148,8 @@ def run_train(args) -> int:
     tr = model.metadata["train"]
     if not args.quiet:
         vs = tr.get("val_ssim")
-        print(f"wrote {out} ({mode}, loss {args.loss}"
+        print(f"wrote {out} ({mode}" + (f", {tr['ss_method']}" if tr.get("ss_method") else "")
+              + f", loss {tr['loss']}"
               + (f", validation SSIM {vs:.3f}" if vs is not None else "") + ")")
     return 0
 
@@ -124,6 +162,10 @@ def run_apply(args) -> int:
     from .. import restore as R
 
     model = R.RestoreModel.load(args.model, device=args.device)
+    if model.metadata.get("gan") and not args.risk_map:
+        print("warning: this is a pix2pix (GAN) model, which can invent particles; writing the "
+              "fabrication-risk map too", file=sys.stderr)
+        args.risk_map = True
     outp = Path(args.out)
     if len(args.images) > 1:
         if not outp.is_dir():
@@ -157,9 +199,10 @@ def run_apply(args) -> int:
         if big:  # bounded memory: tiles go to a temporary zarr, then out by extension
             y, tmpdir = _restore_big(R, model, img, o, args)
         elif np.ndim(img) == 2 or (np.ndim(img) == 3 and img.shape[-1] in (3, 4)):
-            y = run_with_progress(R.iter_restore(model, img, tile=args.tile, device=args.device), args.quiet)
+            y = run_with_progress(R.iter_restore(model, img, tile=args.tile, device=args.device,
+                                                 output=args.output_scale), args.quiet)
         else:
-            y = R.restore_image(model, img, tile=args.tile, device=args.device)
+            y = R.restore_image(model, img, tile=args.tile, device=args.device, output=args.output_scale)
         try:
             write(o, y, overwrite=args.overwrite, kind="image")
         finally:
@@ -192,5 +235,6 @@ def _restore_big(R, model, img, o, args):
     tmpdir = tempfile.mkdtemp(prefix=".leakseg-restore-", dir=str(o.parent if str(o.parent) else "."))
     z = zarr.open_array(str(Path(tmpdir) / "tmp.zarr"), mode="w", shape=(1,) + tuple(img.shape),
                         chunks=(1, 1024, 1024), dtype="float32")
-    run_with_progress(R.iter_restore(model, img, tile=args.tile, device=args.device, out=z), args.quiet)
-    return da.from_zarr(z)[0], tmpdir
+    run_with_progress(R.iter_restore(model, img, tile=args.tile, device=args.device, out=z,
+                                     output=args.output_scale), args.quiet)
+    return da.from_zarr(z)[0].astype(R.output_dtype(img, args.output_scale)), tmpdir

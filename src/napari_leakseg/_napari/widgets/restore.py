@@ -29,6 +29,19 @@ MODE_LABELS = {
     "paired (low + high)": "paired",
     "high + degradation model": "degrade",
     "low only (self-supervised)": "self-supervised",
+    "two scans of each field (Noise2Noise)": "noise2noise",
+}
+
+SS_LABELS = {
+    "scan lines (even → odd)": "lines",
+    "Neighbor2Neighbor": "nb2nb",
+    "structN2V blind spot": "n2v",
+}
+
+OUTPUT_LABELS = {
+    "input dtype and range": "input",
+    "input scale, float": "float",
+    "normalised (0-1)": "normalized",
 }
 
 
@@ -45,6 +58,11 @@ class RestoreWidget(JobWidget):
                                          tooltip="noisy image (or stack of images)")
         self.high = self.add_layer_picker("high", "high quality", "image", optional=True,
                                           tooltip="clean image(s): same fields as 'low' for paired training")
+        self.low2 = self.add_layer_picker("low2", "second scan", "image", optional=True,
+                                          tooltip="Noise2Noise: a second fast scan of the 'low' field(s)")
+        self.ss_method = self.add(ComboBox(choices=list(SS_LABELS), value="scan lines (even → odd)",
+                                           label="self-supervised",
+                                           tooltip="method for noise correlated along the scan lines"))
         self.noise = self.add(FloatSpinBox(value=0.08, min=0, max=1, step=0.01, label="noise (Gaussian sd)"))
         self.poisson = self.add(FloatSpinBox(value=0.01, min=0, max=1, step=0.005, label="Poisson gain"))
         self.blur = self.add(FloatSpinBox(value=0.8, min=0, max=10, step=0.1, label="blur PSF sigma"))
@@ -59,6 +77,8 @@ class RestoreWidget(JobWidget):
         self.target = self.add_layer_picker("target", "apply to", "image", tooltip="image or stack to restore")
         self.scope = self.add(ComboBox(choices=["current slice", "whole stack"], value="current slice",
                                        label="apply"))
+        self.output = self.add(ComboBox(choices=list(OUTPUT_LABELS), value="input dtype and range",
+                                        label="output", tooltip="intensity scale of the restored layer"))
         self.risk = self.add(CheckBox(value=False, text="fabrication-risk map"))
         self.risk.changed.connect(self._risk_toggled)
         self.estimate_button = self.add_button("Estimate from low", self.estimate, runs_job=False,
@@ -88,7 +108,7 @@ class RestoreWidget(JobWidget):
         """All 2D images of a layer (a stack gives one per slice), raw values."""
         layer = picker.value
         if layer is None:
-            raise InputError(f"pick a {what}-quality image layer")
+            raise InputError(f"pick a {what} image layer" if "scan" in what else f"pick a {what}-quality image layer")
         ls = read_image(layer, self.viewer, current_slice=False, normalize=False)
         data = np.asarray(ls.data)
         nd = data.ndim - (1 if ls.rgb else 0)
@@ -142,13 +162,15 @@ class RestoreWidget(JobWidget):
     def train(self):
         mode = MODE_LABELS[self.mode.value]
         try:
-            low = self._images(self.low, "low") if mode in ("paired", "self-supervised") else None
+            low = self._images(self.low, "low") if mode != "degrade" else None
             high = self._images(self.high, "high") if mode in ("paired", "degrade") else None
+            low2 = self._images(self.low2, "second-scan") if mode == "noise2noise" else None
             deg = self.degradation() if mode == "degrade" else None
         except LeaksegError as e:
             notify_error(f"{self.title}: {e}")
             return False
-        kw = dict(low=low, high=high, mode=mode, loss=str(self.loss.value), degradation=deg,
+        kw = dict(low=low, high=high, low2=low2, mode=mode, loss=str(self.loss.value), degradation=deg,
+                  ss_method=SS_LABELS[self.ss_method.value],
                   steps=int(self.steps.value), crop=int(self.crop.value),
                   bar="auto" if self.bar.value else None, device=self.device, val_every=10)
 
@@ -186,6 +208,7 @@ class RestoreWidget(JobWidget):
         full_shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
         index = src.index
         model, want_risk = self.model, bool(self.risk.value)
+        output = OUTPUT_LABELS[self.output.value]
 
         def on_event(ev):
             self.status.value = ev.message
@@ -205,7 +228,8 @@ class RestoreWidget(JobWidget):
             self.status.value = (f"restored {res['done']} slice(s)" + (" (stopped)" if cancelled else "")
                                  + ("; risk > 4 marks structure the input does not support" if want_risk else ""))
 
-        return self.start_job(lambda: R.iter_apply(model, data, risk_map=want_risk, device=self.device),
+        return self.start_job(lambda: R.iter_apply(model, data, risk_map=want_risk, device=self.device,
+                                                  output=output),
                               description="Restoring", on_event=on_event, on_result=on_result)
 
     def _risk_toggled(self, value):

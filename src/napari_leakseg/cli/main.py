@@ -43,6 +43,14 @@ def _one_line(e: BaseException, limit: int = 600) -> str:
     return msg if len(msg) <= limit else msg[: limit - 1] + "…"
 
 
+def _quiet_pending_tasks() -> None:
+    """An interrupted zarr write leaves asyncio tasks in zarr's I/O loop; at interpreter exit asyncio
+    logs "Task was destroyed but it is pending!" for each. The one-line promise holds: silence them."""
+    import logging
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
 def main(argv=None) -> int:
     from ..core.jobs import sigterm_as_interrupt
 
@@ -71,9 +79,11 @@ def _main(argv=None) -> int:
         print(f"leakseg {args.command}: cancelled", file=sys.stderr)
         return 130
     except Terminated:
+        _quiet_pending_tasks()
         print(f"leakseg {args.command}: terminated (SIGTERM); no output was written", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
+        _quiet_pending_tasks()
         print(f"leakseg {args.command}: interrupted; no output was written", file=sys.stderr)
         return 130
     except OSError as e:  # the file system refused (permissions, read-only, disk full, not a folder)

@@ -108,8 +108,14 @@ class MembraneWidget(JobWidget):
                   feedback=bool(self.feedback.value), epochs=int(self.epochs.value),
                   steps_per_epoch=int(self.steps.value), crop=int(self.crop.value), device=self.device, init=init)
 
-        def job_factory():
-            return M.iter_train_membrane(imgs, labs, **kw)
+        return self._start_model_job(
+            lambda: M.iter_train_membrane(imgs, labs, **kw), "Training membrane model",
+            lambda tr, md, cancelled: (f"{'stopped' if cancelled else 'trained'}: {tr['steps_done']} steps, "
+                                       f"loss {tr.get('best_loss') or float('nan'):.3f}"))
+
+    def _start_model_job(self, job_factory, description, summary):
+        """Start a job that yields a trained model: it becomes the current model, and the status line
+        shows its progress, then ``summary(train metadata, metadata, cancelled)``."""
 
         def on_event(ev):
             self.status.value = ev.message
@@ -118,12 +124,9 @@ class MembraneWidget(JobWidget):
             if value is None:
                 return
             self.trained = value
-            tr = value.metadata["train"]
-            self.status.value = (f"{'stopped' if cancelled else 'trained'}: {tr['steps_done']} steps, "
-                                 f"loss {tr.get('best_loss') or float('nan'):.3f}")
+            self.status.value = summary(value.metadata["train"], value.metadata, cancelled)
 
-        return self.start_job(job_factory, description="Training membrane model", on_event=on_event,
-                              on_result=on_result)
+        return self.start_job(job_factory, description=description, on_event=on_event, on_result=on_result)
 
     def finetune_on_labels(self):
         """Fine-tune the current model on the reference labels for a fixed time (a background job)."""
@@ -139,22 +142,10 @@ class MembraneWidget(JobWidget):
         kw = dict(membrane_value=int(self.membrane_value.value), seconds=float(self.ft_seconds.value),
                   device=self.device)
 
-        def job_factory():
-            return M.iter_finetune_membrane(start, imgs, labs, **kw)
-
-        def on_event(ev):
-            self.status.value = ev.message
-
-        def on_result(value, cancelled):
-            if value is None:
-                return
-            self.trained = value
-            tr = value.metadata["train"]
-            self.status.value = (f"fine-tuned{' (stopped)' if cancelled else ''}: {tr['steps_done']} steps in "
-                                 f"{tr['seconds']:.0f} s; scale {value.metadata.get('input_scale', 1.0):.2f}")
-
-        return self.start_job(job_factory, description="Fine-tuning membrane model", on_event=on_event,
-                              on_result=on_result)
+        return self._start_model_job(
+            lambda: M.iter_finetune_membrane(start, imgs, labs, **kw), "Fine-tuning membrane model",
+            lambda tr, md, cancelled: (f"fine-tuned{' (stopped)' if cancelled else ''}: {tr['steps_done']} steps "
+                                       f"in {tr['seconds']:.0f} s; scale {md.get('input_scale', 1.0):.2f}"))
 
     # ------------------------------------------------------------------ predict
     def predict(self):

@@ -55,7 +55,15 @@ def main(argv=None) -> int:
     from ..core.jobs import sigterm_as_interrupt
 
     with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C (partial stores, temporary files)
-        return _main(argv)
+        rc = _main(argv)
+    if argv is None and rc == 0:
+        # the outputs are complete: a Ctrl-C/SIGTERM during interpreter shutdown (torch and dask
+        # teardown take a while) must not turn a finished run into "interrupted" with exit 130
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return rc
 
 
 def _main(argv=None) -> int:

@@ -404,6 +404,7 @@ class _TrainData:
     f_full: Optional[torch.Tensor] = None      # standardised full-resolution features (filters)
     crop: int = 0                              # continuity on full-resolution crops of this size (filters)
     gen: Optional[torch.Generator] = None
+    crop_out: Optional[torch.Tensor] = None    # the last iteration's response on the crops
 
     def crops(self, n: int = 2) -> torch.Tensor:
         """``n`` random full-resolution crops of the features (continuity at the image's own scale)."""
@@ -465,7 +466,9 @@ def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -
             model.mean.copy_(mean)
             model.std.copy_(std)
         f_full = (raw - model.mean) / model.std
-        data = _TrainData(xt, down(f_full).contiguous(), (h, w), scale, f_full=f_full, crop=cfg.con_crop,
+        # crops only feed the continuity term: none are cut (or pushed through the network) when it is off
+        data = _TrainData(xt, down(f_full).contiguous(), (h, w), scale, f_full=f_full,
+                          crop=cfg.con_crop if cfg.mu_con > 0 else 0,
                           gen=torch.Generator().manual_seed(0))
         if scr is None:
             data.crop = 0  # unsupervised: continuity on the grid, as the reference
@@ -579,7 +582,7 @@ def iter_segment(
             raise LeaksegError(f"cannot warm-start from this state: {str(e).splitlines()[0][:200]}") from None
     data = _training_data(model, x_np, scr, cfg, dev, fit_stats=warm_start is None)
     x_full, scale, (h, w) = data.x_full, data.scale, data.hw
-    tgt_scr, scr_target, scr_idx = data.tgt_scr, data.scr_target, data.scr_idx
+    tgt_scr, scr_target = data.tgt_scr, data.scr_target
     model.train()
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
@@ -646,7 +649,7 @@ def iter_segment(
             out, scr_logits = data.forward(model)  # (N, q, h, w) grid response, scribbled pixels' logits
             logits = out.permute(0, 2, 3, 1).reshape(-1, q)
             target = logits.argmax(1).detach()
-            con = out if getattr(data, "crop_out", None) is None else data.crop_out
+            con = out if data.crop_out is None else data.crop_out
             dy = (con[:, :, 1:, :] - con[:, :, :-1, :]).abs().mean()
             dx = (con[:, :, :, 1:] - con[:, :, :, :-1]).abs().mean()
             sim = logits if data.sim_idx is None else logits[data.sim_idx]

@@ -94,6 +94,7 @@ class SegmentConfig:
     input: str = "raw"               # "raw": the image itself (3x3 convs); "filters": a multiscale filter bank
     sigmas: tuple = (1.0, 2.0, 4.0, 8.0, 16.0)  # filter-bank scales (input="filters")
     hidden: int = 32                 # hidden width of the per-pixel network (input="filters")
+    features: str = "full"           # filter-bank feature set (core.filters.FEATURE_SETS): "full" or "basic"
     balance: bool = False            # class-balanced scribble loss (weights 1 / pixels per class)
     adapt_con: float = 0.0           # > 0: multiply mu_con by this whenever a class's scribbles are not learned
     con_crop: int = 64               # filters + scribbles: continuity on 2 full-resolution crops of this size
@@ -166,12 +167,14 @@ class FilterNet(nn.Module):
     computes the filter bank once and calls ``head``). Context comes from the filters (up to sigma 16).
     """
 
-    def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=(1.0, 2.0, 4.0, 8.0, 16.0)):
+    def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=(1.0, 2.0, 4.0, 8.0, 16.0),
+                 features: str = "full"):
         super().__init__()
         from .core.filters import n_features
 
         self.sigmas = tuple(float(s) for s in sigmas)
-        nf = n_features(in_channels, self.sigmas)
+        self.feature_set = features
+        nf = n_features(in_channels, self.sigmas, features)
         self.register_buffer("mean", torch.zeros(1, nf, 1, 1))
         self.register_buffer("std", torch.ones(1, nf, 1, 1))
         self.head = nn.Sequential(nn.Conv2d(nf, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
@@ -180,7 +183,7 @@ class FilterNet(nn.Module):
     def features(self, x):
         from .core.filters import multiscale_features
 
-        return (multiscale_features(x, self.sigmas) - self.mean) / self.std
+        return (multiscale_features(x, self.sigmas, features=self.feature_set) - self.mean) / self.std
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -189,14 +192,14 @@ class FilterNet(nn.Module):
 def _arch(in_channels, cfg: SegmentConfig) -> dict:
     if cfg.input == "filters":
         return {"kind": "filters", "in_channels": int(in_channels), "q": int(cfg.q), "hidden": int(cfg.hidden),
-                "sigmas": [float(v) for v in cfg.sigmas]}
+                "sigmas": [float(v) for v in cfg.sigmas], "features": cfg.features}
     return {"in_channels": int(in_channels), "q": int(cfg.q), "n_conv": int(cfg.n_conv),
             "padding_mode": cfg.padding_mode}
 
 
 def build_model(arch: dict) -> nn.Module:
     if arch.get("kind", "conv") == "filters":
-        return FilterNet(arch["in_channels"], arch["q"], arch["hidden"], arch["sigmas"])
+        return FilterNet(arch["in_channels"], arch["q"], arch["hidden"], arch["sigmas"], arch.get("features", "full"))
     return FeatureNet(arch["in_channels"], arch["q"], arch["n_conv"], arch.get("padding_mode", "replicate"))
 
 
@@ -234,7 +237,8 @@ MODEL_SPEC = ModelSpec(
     arch={"kind": Param("str", choices=("conv", "filters")),
           "in_channels": Param("int", 1, 64), "q": Param("int", 2, 4096), "n_conv": Param("int", 1, 64),
           "padding_mode": Param("str", choices=("zeros", "reflect", "replicate", "circular")),
-          "hidden": Param("int", 1, 4096), "sigmas": Param("floats", 0.1, 64)},
+          "hidden": Param("int", 1, 4096), "sigmas": Param("floats", 0.1, 64),
+          "features": Param("str", choices=("full", "basic"))},
     required=("in_channels", "q"), defaults={"padding_mode": "replicate"},
     build=build_model, check=_check_saved,
     activation=lambda a: (6 * a["q"] + (a.get("hidden", 0) or 0) * 2
@@ -380,10 +384,12 @@ def _filter_bank(model: "FilterNet", x: torch.Tensor, dev) -> torch.Tensor:
 
     from .core.filters import multiscale_features
 
-    key = (hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest(), tuple(x.shape), model.sigmas, str(dev))
+    key = (hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest(), tuple(x.shape), model.sigmas,
+           model.feature_set, str(dev))
     if key not in _FEATURE_CACHE:
         _FEATURE_CACHE.clear()
-        _FEATURE_CACHE[key] = torch.cat([multiscale_features(x[i:i + 1].to(dev), model.sigmas)
+        _FEATURE_CACHE[key] = torch.cat([multiscale_features(x[i:i + 1].to(dev), model.sigmas,
+                                                             features=model.feature_set)
                                          for i in range(x.shape[0])])
     return _FEATURE_CACHE[key]
 
@@ -416,6 +422,8 @@ class _TrainData:
 
     def forward(self, model):
         """(grid response (N, q, h, w), logits of the scribbled pixels (P, q) or None)."""
+        if self.f_full is not None and self.scr_feats is None:  # filters, no scribbles: the grid holds features
+            return model.head(self.grid), None
         if self.scr_feats is None:  # raw conv net: scribbles live on the grid
             out = model(self.grid)
             if self.scr_idx is None:
@@ -560,6 +568,7 @@ def iter_segment(
         q = arch["q"]
         if arch.get("kind", "conv") == "filters":
             cfg.input, cfg.q, cfg.hidden, cfg.sigmas = "filters", arch["q"], arch["hidden"], tuple(arch["sigmas"])
+            cfg.features = arch.get("features", "full")
         else:
             cfg.input, cfg.q, cfg.n_conv = "raw", arch["q"], arch["n_conv"]
             cfg.padding_mode = arch.get("padding_mode", cfg.padding_mode)

@@ -126,3 +126,40 @@ def test_filters_on_a_real_em_crop_match_the_forest():
     clf = fit_segmenter(scr, feats, RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0))
     theirs = miou(predict_segmenter(feats, clf))
     assert ours > 0.55 and ours > theirs - 0.05, (ours, theirs)
+
+
+def test_filters_without_strokes_run_unsupervised():
+    """The filter-bank network with no strokes (``config='filters'``, ``--set input=filters``) trains on
+    its grid of features and returns a full-size label map that follows the image's structure."""
+    rng = np.random.default_rng(0)
+    img = (rng.random((96, 96)) * 0.3).astype(np.float32)
+    img[:, 48:] += 0.7  # a vertical step: the structure varies along x only
+    r = segment(img, config="filters", device=DEVICE, seed=0, max_iter=40)
+    assert r.labels.shape == img.shape and r.n_labels >= 2
+    assert r.state["metadata"]["arch"]["kind"] == "filters"
+    # every column is (almost) one segment: the segmentation follows x, not the noise
+    major = [np.bincount(col).max() / col.size for col in r.labels.T]
+    assert np.median(major) > 0.9, np.median(major)
+
+
+@pytest.mark.parametrize("features", ["full", "basic"])
+def test_filter_feature_sets_save_and_reload(tmp_path, features):
+    """A feature set is part of the saved architecture: a reloaded model predicts the same labels."""
+    from napari_leakseg.core import store
+    from napari_leakseg.core.filters import FEATURE_SETS
+    from napari_leakseg.core.predictor import load_predictor
+    from napari_leakseg.core.tiling import predict_tiled
+
+    img, left, scr = textures()
+    r = segment(img, scr, classes_only=True, device=DEVICE, seed=0, features=features)
+    arch = r.state["metadata"]["arch"]
+    kinds, raw = FEATURE_SETS[features]
+    assert arch["features"] == features
+    assert r.state["state_dict"]["mean"].shape[1] == n_features(1, arch["sigmas"], features) \
+        == len(kinds) * len(arch["sigmas"]) + int(raw)
+    assert ((r.labels == 1) == left).mean() > 0.9
+    p = store.save(r.state["state_dict"], tmp_path / "m.pt", r.state["metadata"])
+    pred = load_predictor(p, device=DEVICE, capability="scribble")
+    out = pred.finalize(predict_tiled(pred.fn, img[None].astype(np.float32), tile=256, overlap=pred.halo,
+                                      preprocess=pred.preprocess))
+    assert (out == r.labels).mean() > 0.95

@@ -18,15 +18,22 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_SIGMAS", "FEATURES_PER_SCALE", "n_features", "gaussian_blur", "multiscale_features",
-           "standardize"]
+__all__ = ["DEFAULT_SIGMAS", "FEATURES_PER_SCALE", "FEATURE_SETS", "n_features", "gaussian_blur",
+           "multiscale_features", "standardize"]
 
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 FEATURES_PER_SCALE = ("gaussian", "gradient", "log", "hessian_1", "hessian_2", "structure_1", "structure_2")
+#: named feature sets: (kinds per scale, raw channel included)
+FEATURE_SETS = {
+    "full": (FEATURES_PER_SCALE, True),
+    # the kinds of skimage's multiscale_basic_features (intensity, edges, texture), no raw channel
+    "basic": (("gaussian", "gradient", "hessian_1", "hessian_2"), False),
+}
 
 
-def n_features(in_channels: int, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> int:
-    return int(in_channels) * (1 + len(FEATURES_PER_SCALE) * len(sigmas))
+def n_features(in_channels: int, sigmas: Sequence[float] = DEFAULT_SIGMAS, features: str = "full") -> int:
+    kinds, raw = FEATURE_SETS[features]
+    return int(in_channels) * (int(raw) + len(kinds) * len(sigmas))
 
 
 def _kernel(sigma: float, size_limit: int, dtype, device) -> torch.Tensor:
@@ -92,12 +99,16 @@ def _scale_features(g: torch.Tensor, sigma: float, step: float) -> list[torch.Te
 
 @torch.no_grad()
 def multiscale_features(x: torch.Tensor, sigmas: Sequence[float] = DEFAULT_SIGMAS, kinds=None,
-                        raw: bool = True, downsample: bool = True) -> torch.Tensor:
+                        raw: bool = True, downsample: bool = True, features: str | None = None) -> torch.Tensor:
     """(N, C, Y, X) float → (N, C * (1 + 7 * len(sigmas)), Y, X) float features, same device.
+
+    ``features`` names a set of ``FEATURE_SETS`` (it overrides ``kinds`` and ``raw``).
 
     Scales of 4 and more are computed on a grid downsampled by sigma / 2 (so each blur
     is at most a few pixels wide there) and upsampled bilinearly to full resolution.
     """
+    if features is not None:
+        kinds, raw = FEATURE_SETS[features]
     x = x.float()
     N, C, Y, X = x.shape
     sel = [FEATURES_PER_SCALE.index(k) for k in (kinds or FEATURES_PER_SCALE)]

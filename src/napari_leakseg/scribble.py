@@ -106,7 +106,7 @@ class SegmentConfig:
 CONFIGS = {
     # scribbles: a per-pixel network on an ilastik-style filter bank (issue 14), trained with the DFC
     # losses on a downsampled grid and the scribble loss on every scribbled pixel at full resolution
-    "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.3, mu_con=0.0, mu_scr=1.0,
+    "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.1, mu_con=0.0, mu_scr=1.0,
                              train_pixels=20_000, max_iter=80, min_iter=40, scribble_acc=0.95,
                              min_size=None),
     "fast": SegmentConfig(),

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["summary", "runtime", "cli", "scribble", "scribble_forest", "membrane", "membrane_diagnosis", "membrane_cross",
+ORDER = ["summary", "runtime", "threads", "cli", "scribble", "scribble_forest", "membrane", "membrane_diagnosis", "membrane_cross",
          "restore", "propagate", "scale", "device"]
 
 HEADER = """# Benchmarks

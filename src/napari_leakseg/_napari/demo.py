@@ -14,6 +14,7 @@ other down, and the first result appears sooner.
 from __future__ import annotations
 
 import importlib
+import string
 import sys
 import time
 from dataclasses import dataclass, field
@@ -254,6 +255,16 @@ def preimport() -> None:
             pass
 
 
+def text_overlay(viewer):
+    """The viewer's canvas text overlay (``viewer.canvas.overlays.text`` since napari 0.9)."""
+    ov = getattr(getattr(getattr(viewer, "canvas", None), "overlays", None), "text", None)
+    return ov if ov is not None else viewer.text_overlay
+
+
+#: the characters of the demo's canvas messages
+GLYPHS = string.ascii_letters + string.digits + " .,:;/()-…"
+
+
 def warm_up(viewer) -> None:
     """Create once what the first job would otherwise create in the GUI thread while the viewer is
     in use: the canvas text overlay (its shader is compiled on the first draw), a progress bar
@@ -263,7 +274,7 @@ def warm_up(viewer) -> None:
     preimport()
 
     try:
-        ov = viewer.text_overlay
+        ov = text_overlay(viewer)
         ov.position = "top_left"
         ov.font_size = 9
         ov.text = "napari-leakseg demo: starting…"
@@ -273,6 +284,13 @@ def warm_up(viewer) -> None:
     try:
         progress(total=1, desc="napari-leakseg demo").close()
     except Exception:  # pragma: no cover
+        pass
+    try:  # the glyphs of the overlay's messages (rendered on first use, in the GUI thread)
+        info = viewer.window._qt_viewer.canvas._font_info
+        font = info.font_manager.get_font(info.face)
+        for ch in GLYPHS:
+            font[ch]
+    except Exception:  # pragma: no cover - napari internals differ
         pass
 
 
@@ -363,7 +381,7 @@ class DemoRun:
 
     def _show(self, text: str) -> None:
         try:
-            ov = self.viewer.text_overlay
+            ov = text_overlay(self.viewer)
             ov.visible = True
             ov.position = "top_left"
             ov.text = text
@@ -411,9 +429,13 @@ class DemoRun:
         for name, props in LOOK.get((entry.sample, entry.action), {}).items():
             if name in layers:
                 for k, v in props.items():
-                    setattr(layers[name], k, v)
+                    # only changes: setting ``visible`` even to its value redraws the canvas at once
+                    if getattr(layers[name], k) != v:
+                        setattr(layers[name], k, v)
         if self.layout and (entry.sample, entry.action) == ("sem", "apply") and "restored" in layers:
-            layers["restored"].translate = _tiles()["sem_out"]  # beside its input, not over it
+            out = layers["restored"]  # beside its input, not over it
+            if tuple(out.translate) != tuple(_tiles()["sem_out"]):
+                out.translate = _tiles()["sem_out"]
 
     def cancel(self) -> None:
         """Drop the queued jobs and stop the running one (it keeps its result so far)."""

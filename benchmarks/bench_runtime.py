@@ -109,7 +109,8 @@ def demo_run(app) -> dict:
     row = meter.stop()
     row.update({"first_result_s": first, "all_results_s": run.seconds, "ok": run.ok,
                 "jobs": {f"{e.sample} {e.action}": round(e.seconds, 2) for e in run.log},
-                "rss_before_jobs_mb": rss_before / 2 ** 20, "peak_rss_mb": meter.peak_rss / 2 ** 20})
+                "rss_before_jobs_mb": rss_before / 2 ** 20, "peak_rss_mb": meter.peak_rss / 2 ** 20,
+                "load_avg_end": list(os.getloadavg())})
     viewer.close()
     gc.collect()
     return row
@@ -204,7 +205,10 @@ def demo_part(app, repeats: int, load) -> dict:
     print("\n| demo metric | median |\n|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.1f} |")
-    return {"repeats": repeats, "qt": API_NAME, "load_avg_start": load, "all_ok": all(x["ok"] for x in runs),
+    from napari_leakseg._napari.workers import worker_nice
+
+    return {"repeats": repeats, "qt": API_NAME, "load_avg_start": load, "worker_nice": worker_nice(),
+            "torch_threads": torch.get_num_threads(), "all_ok": all(x["ok"] for x in runs),
             "stall_limit_ms": 150, "median": med, "runs": runs}
 
 

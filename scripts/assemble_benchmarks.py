@@ -56,6 +56,15 @@ test suite asserts > 50 %, and a stall < 150 ms).
 """ + demo_section(r.get("demo"))
 
 
+def _end_loads(d) -> str:
+    ends = [r["load_avg_end"][0] for r in d.get("runs", []) if r.get("load_avg_end")]
+    return f", {', '.join(f'{v:.1f}' for v in ends)} at the end of each run" if ends else ""
+
+
+def _nice(d) -> str:
+    return f"; job threads at nice {d['worker_nice']}" if "worker_nice" in d else ""
+
+
 def demo_section(d) -> str:
     """The demo part of runtime.json (``bench_runtime.py`` runs ``leakseg demo``'s jobs)."""
     if not d:
@@ -66,7 +75,7 @@ def demo_section(d) -> str:
     return f"""### The demo (`leakseg demo`): four results on start
 
 The same timer runs while the demo viewer runs its six jobs (each widget once on its sample,
-one job at a time; {d['repeats']} runs, {d['qt']}, load average {d['load_avg_start'][0]:.1f} at the start):
+one job at a time; {d['repeats']} runs, {d['qt']}, load average {d['load_avg_start'][0]:.1f} at the start{_end_loads(d)}{_nice(d)}):
 
 | metric | median |
 |---|---|

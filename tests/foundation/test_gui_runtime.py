@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 import time
 
 import numpy as np
@@ -157,3 +160,60 @@ def test_viewer_stays_responsive_during_torch_job(make_napari_viewer, qtbot):
     assert worst < 150, f"GUI stalled for {worst:.0f} ms"
     # micro-sam #740 saw a 'massive' slowdown; on our napari it must stay modest
     assert worker_rate > 0.5 * main_rate
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux-only")
+def test_job_thread_runs_at_lower_priority(make_napari_viewer, qtbot):
+    """The job runs in a thread whose nice value is at least ``LEAKSEG_WORKER_NICE`` (default 10);
+    the GUI thread keeps its own."""
+    from napari_leakseg._napari.workers import JobRunner, worker_nice
+
+    make_napari_viewer()
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def job():
+        tid = threading.get_native_id()
+        seen.update(tid=tid, nice=os.getpriority(os.PRIO_PROCESS, tid))
+        yield Progress(1, 1, "checked")
+        return "ok"
+
+    r = JobRunner("nice test")
+    assert r.start(job)
+    _wait(qtbot, r)
+    assert r.last_result is not None and r.last_result.value == "ok"
+    assert seen["tid"] != threading.get_native_id()
+    assert seen["nice"] >= max(main_nice, worker_nice()) and worker_nice() == 10
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+
+def test_worker_nice_setting(monkeypatch):
+    """``LEAKSEG_WORKER_NICE``: an integer clipped to 0-19, else the default; ``lower_thread_priority``
+    only raises the calling thread's nice value (Linux) and leaves other threads alone."""
+    from napari_leakseg._napari import workers as W
+
+    monkeypatch.setenv("LEAKSEG_WORKER_NICE", "5")
+    assert W.worker_nice() == 5
+    monkeypatch.setenv("LEAKSEG_WORKER_NICE", "40")
+    assert W.worker_nice() == 19
+    monkeypatch.setenv("LEAKSEG_WORKER_NICE", "fast")
+    assert W.worker_nice() == 10
+    monkeypatch.delenv("LEAKSEG_WORKER_NICE")
+    assert W.worker_nice() == 10
+    if not sys.platform.startswith("linux"):
+        assert W.lower_thread_priority(5) is None
+        return
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    got = {}
+
+    def run():
+        tid = threading.get_native_id()
+        got["first"] = W.lower_thread_priority(max(main, 3))
+        got["again"] = W.lower_thread_priority(0)  # never lowered
+        got["now"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert got["first"] == got["again"] == got["now"] == max(main, 3)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main

@@ -14,6 +14,7 @@ other down, and the first result appears sooner.
 from __future__ import annotations
 
 import importlib
+import string
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,6 +78,29 @@ LOOK = {
     ("timelapse", "run"): {"propagated labels": {"opacity": 0.55}},
 }
 STEP_BY_SAMPLE = {s.sample: s for s in STEPS}
+#: the output layers each sample's widget writes, created empty (and styled as LOOK shows them)
+#: before the window is shown: adding a layer costs 0.2-0.7 s in the GUI thread (layer controls,
+#: vispy visual, shader compilation on the first draw), updating one only its data.
+#: name -> (kind, source layer, dtype (None: the source's), layer properties); the data: zeros
+#: of the source's (spatial) shape
+OUTPUT_LAYERS = {
+    "scribbles": {"segmentation": ("labels", "coffee", "uint8", {"opacity": 0.5})},
+    "membranes": {
+        "membrane probability": ("image", "EM membranes", "float32",
+                                 {"colormap": "magma", "blending": "additive", "opacity": 0.6,
+                                  "contrast_limits": (0.0, 1.0)}),
+        "membrane": ("labels", "EM membranes", "uint8", {"visible": False}),
+        "cells": ("labels", "EM membranes", "uint32", {"opacity": 0.35}),
+    },
+    # a black tile beside the low-quality input until the restored image arrives
+    "sem": {"restored": ("image", "SEM low quality", None, {"colormap": "gray"})},
+    "timelapse": {
+        "propagated labels": ("labels", "moving cells", "uint8", {"opacity": 0.55}),
+        "propagation confidence": ("image", "moving cells", "uint8",
+                                   {"colormap": "magma", "opacity": 0.5, "contrast_limits": (0, 255),
+                                    "visible": False}),
+    },
+}
 
 #: canvas layout of the four samples: each tile is TILE world units high
 TILE, GAP = 400, 24
@@ -85,11 +109,15 @@ TILE, GAP = 400, 24
 SHOW_T = 19
 
 
-def build_viewer(sample: Optional[str] = None, show: bool = True):
+def build_viewer(sample: Optional[str] = None, show: bool = True, outputs: bool = True):
     """Create the demo viewer; returns ``(viewer, {title: widget})``.
 
     ``sample=None`` loads all four samples side by side; a sample key loads
-    only that one and brings its widget to the front.
+    only that one and brings its widget to the front. ``outputs``: also create
+    the widgets' output layers, empty (``OUTPUT_LAYERS``), and warm up the text
+    overlay and the progress bar, so that the demo's jobs only update data in
+    the GUI thread (``DemoRun`` needs this for a responsive viewer, not for its
+    results; ``leakseg demo --no-run`` does without).
     """
     import napari
 
@@ -106,9 +134,14 @@ def build_viewer(sample: Optional[str] = None, show: bool = True):
         w = getattr(importlib.import_module(mod), cls)(viewer)
         docks[title] = viewer.window.add_dock_widget(w, name=title, area="right", tabify=True)
         widgets[title] = w
-    _preset_pickers(viewer, widgets)
     if sample is None:
-        lay_out(viewer)
+        lay_out(viewer, captions=False)
+    if outputs:
+        add_output_layers(viewer, keys, layout=sample is None)
+        warm_up(viewer)
+    if sample is None:
+        add_captions(viewer)  # on top of the outputs
+    _preset_pickers(viewer, widgets)
     front = PRESETS[keys[0]][0]
     if front in docks:  # bring the sample's widget to the front once the window is shown
         from qtpy.QtCore import QTimer
@@ -148,7 +181,7 @@ def _tiles() -> dict:
             "sem": (row2, 0.0), "sem_out": (row2, TILE + GAP), "timelapse": (row2, 2 * (TILE + GAP))}
 
 
-def lay_out(viewer) -> None:
+def lay_out(viewer, captions: bool = True) -> None:
     """Place the four samples side by side (scale/translate only) and show the layers that matter."""
     tiles = _tiles()
     for key, names in SAMPLE_LAYERS.items():
@@ -168,7 +201,97 @@ def lay_out(viewer) -> None:
             viewer.layers[name].visible = False
     if viewer.dims.ndim >= 3:
         viewer.dims.set_point(0, SHOW_T)
-    add_captions(viewer)
+    if captions:
+        add_captions(viewer)
+
+
+def add_output_layers(viewer, keys=SAMPLES, layout: bool = True) -> list:
+    """Create the output layers of the samples ``keys`` (``OUTPUT_LAYERS``), empty, beside their inputs.
+
+    They are the widgets' own output layers (``write_layer`` updates them in place), with the
+    source's scale/translate (``restored`` goes beside its input when ``layout``). Layers that
+    already exist are left alone. Returns the layers created.
+    """
+    import numpy as np
+
+    from .layers import write_layer
+
+    made = []
+    for key in keys:
+        for name, (kind, src_name, dtype, props) in OUTPUT_LAYERS.get(key, {}).items():
+            if name in viewer.layers or src_name not in viewer.layers:
+                continue
+            src = viewer.layers[src_name]
+            shape = src.data.shape[:-1] if getattr(src, "rgb", False) else src.data.shape
+            layer = write_layer(viewer, name, np.zeros(shape, dtype or src.data.dtype), kind, source=src, **props)
+            if layout and name == "restored":
+                layer.translate = _tiles()["sem_out"]
+            made.append(layer)
+    return made
+
+
+#: modules the demo's jobs import on first use (besides what a torch optimizer step imports)
+JOB_IMPORTS = ("napari_leakseg.core.filters", "napari_leakseg.propagate", "scipy.fft", "scipy.sparse",
+               "scipy.spatial", "skimage.morphology", "skimage.segmentation", "skimage.registration",
+               "pytorch_msssim")
+
+
+def preimport() -> None:
+    """Import now what the demo's jobs would import in their thread on first use.
+
+    The first ``optimizer.step()`` imports torch._dynamo, sympy & co. (~900 modules, 2-3 s of
+    Python); in a job thread that competes for the GIL with the GUI thread and stalls it.
+    """
+    import torch
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    p.grad = torch.zeros(1)
+    for opt in (torch.optim.Adam([p], lr=0.0), torch.optim.SGD([p], lr=0.0, momentum=0.9)):
+        opt.step()
+    for mod in JOB_IMPORTS:
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # pragma: no cover - optional
+            pass
+
+
+def text_overlay(viewer):
+    """The viewer's canvas text overlay (``viewer.canvas.overlays.text`` since napari 0.9)."""
+    ov = getattr(getattr(getattr(viewer, "canvas", None), "overlays", None), "text", None)
+    return ov if ov is not None else viewer.text_overlay
+
+
+#: the characters of the demo's canvas messages
+GLYPHS = string.ascii_letters + string.digits + " .,:;/()-…"
+
+
+def warm_up(viewer) -> None:
+    """Create once what the first job would otherwise create in the GUI thread while the viewer is
+    in use: the canvas text overlay (its shader is compiled on the first draw), a progress bar
+    in the activity panel, and the modules the jobs import (``preimport``)."""
+    from napari.utils import progress
+
+    preimport()
+
+    try:
+        ov = text_overlay(viewer)
+        ov.position = "top_left"
+        ov.font_size = 9
+        ov.text = "napari-leakseg demo: starting…"
+        ov.visible = True
+    except Exception:  # pragma: no cover - napari without a text overlay
+        pass
+    try:
+        progress(total=1, desc="napari-leakseg demo").close()
+    except Exception:  # pragma: no cover
+        pass
+    try:  # the glyphs of the overlay's messages (rendered on first use, in the GUI thread)
+        info = viewer.window._qt_viewer.canvas._font_info
+        font = info.font_manager.get_font(info.face)
+        for ch in GLYPHS:
+            font[ch]
+    except Exception:  # pragma: no cover - napari internals differ
+        pass
 
 
 def add_captions(viewer):
@@ -258,7 +381,7 @@ class DemoRun:
 
     def _show(self, text: str) -> None:
         try:
-            ov = self.viewer.text_overlay
+            ov = text_overlay(self.viewer)
             ov.visible = True
             ov.position = "top_left"
             ov.text = text
@@ -306,9 +429,13 @@ class DemoRun:
         for name, props in LOOK.get((entry.sample, entry.action), {}).items():
             if name in layers:
                 for k, v in props.items():
-                    setattr(layers[name], k, v)
+                    # only changes: setting ``visible`` even to its value redraws the canvas at once
+                    if getattr(layers[name], k) != v:
+                        setattr(layers[name], k, v)
         if self.layout and (entry.sample, entry.action) == ("sem", "apply") and "restored" in layers:
-            layers["restored"].translate = _tiles()["sem_out"]  # beside its input, not over it
+            out = layers["restored"]  # beside its input, not over it
+            if tuple(out.translate) != tuple(_tiles()["sem_out"]):
+                out.translate = _tiles()["sem_out"]
 
     def cancel(self) -> None:
         """Drop the queued jobs and stop the running one (it keeps its result so far)."""

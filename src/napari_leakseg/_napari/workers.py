@@ -12,12 +12,24 @@ napari generator ``thread_worker``:
 * exceptions become napari notifications (``LeaksegError`` messages as they are,
   anything else as "<job> failed: <error>"), never console tracebacks;
 * only one job at a time: a second ``start`` while one runs is refused with a
-  message.
+  message;
+* the job thread runs at a lower CPU priority (nice ``LEAKSEG_WORKER_NICE``,
+  default 10; Linux only), so that on a small machine the GUI thread (and the
+  software OpenGL that draws the canvas) gets the cores first when it has work:
+  the job loses little (the GUI is idle most of the time) and the viewer does not
+  stall while a job trains;
+* the progress bar is updated at most every ``PBAR_INTERVAL`` seconds (napari's
+  progress bar widget runs ``processEvents`` on every update, which repaints the
+  canvas).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
+import time
 import traceback
 from typing import Any, Callable, Optional
 
@@ -29,6 +41,47 @@ from ..core.errors import LeaksegError
 from ..core.jobs import CancelToken, JobResult, Progress, iterate_job
 
 log = logging.getLogger("napari_leakseg")
+
+
+#: default nice value of the job threads (``LEAKSEG_WORKER_NICE`` overrides it; 0 = unchanged)
+WORKER_NICE = 10
+#: seconds between two progress-bar updates of one job (the first and last always show)
+PBAR_INTERVAL = 0.25
+
+
+def worker_nice() -> int:
+    """The nice value job threads ask for: ``LEAKSEG_WORKER_NICE`` (an integer 0-19), else 10."""
+    raw = os.environ.get("LEAKSEG_WORKER_NICE", "").strip()
+    if not raw:
+        return WORKER_NICE
+    try:
+        return max(0, min(19, int(raw)))
+    except ValueError:
+        log.warning("LEAKSEG_WORKER_NICE=%r is not an integer; using %d", raw, WORKER_NICE)
+        return WORKER_NICE
+
+
+def lower_thread_priority(nice: Optional[int] = None) -> Optional[int]:
+    """Give the calling thread (only it) a nice value of at least ``nice`` (default ``worker_nice()``).
+
+    Returns the thread's nice value afterwards, or None where this is not supported
+    (not Linux, where a thread id is not a process id for ``setpriority``) or refused.
+    A thread's nice value is never lowered (unprivileged users could not raise it back),
+    so calling it again on a reused pool thread changes nothing. Threads that this
+    thread starts later (e.g. torch's OpenMP workers) inherit the value.
+    """
+    nice = worker_nice() if nice is None else int(nice)
+    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
+        return None
+    try:
+        tid = threading.get_native_id()
+        cur = os.getpriority(os.PRIO_PROCESS, tid)
+        if nice > cur:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except OSError as e:  # pragma: no cover - e.g. a seccomp sandbox
+        log.debug("could not lower the job thread's priority: %s", e)
+        return None
 
 
 class _Failure:
@@ -87,6 +140,7 @@ class JobRunner:
         self.last_result = None
 
         def work():
+            lower_thread_priority()  # in the job thread, before the job starts any threads
             try:
                 gen = make_job()
                 result = yield from iterate_job(gen, lambda: token.cancelled)
@@ -97,17 +151,25 @@ class JobRunner:
         worker = thread_worker(work, start_thread=False)()
         self.worker = worker
         self.pbar = progress(total=0, desc=desc)
+        last_pbar = [0.0, ""]  # time of the last progress-bar update, its description
 
         def _yielded(ev):
             if self.worker is not worker:
                 return
             if isinstance(ev, Progress):
                 try:
-                    if ev.total and self.pbar is not None:
+                    now = time.perf_counter()
+                    if ev.total and self.pbar is not None and (
+                            now - last_pbar[0] >= PBAR_INTERVAL or ev.step >= ev.total
+                            or self.pbar.total != ev.total):
+                        last_pbar[0] = now
                         if self.pbar.total != ev.total:
                             self.pbar.total = ev.total
                         self.pbar.n = min(ev.step, ev.total)
-                        self.pbar.set_description(f"{desc}: {ev.message}" if ev.message else desc)
+                        text = f"{desc}: {ev.message}" if ev.message else desc
+                        if text != last_pbar[1]:  # each call repaints (napari runs processEvents)
+                            last_pbar[1] = text
+                            self.pbar.set_description(text)
                         self.pbar.refresh()
                 except Exception:  # pragma: no cover - progress bar closed
                     pass

@@ -61,7 +61,7 @@ def run(args) -> int:
     from .._napari.demo import DemoRun, build_viewer, echo_notifications
 
     echo_notifications()
-    viewer, widgets = build_viewer(args.sample)
+    viewer, widgets = build_viewer(args.sample, outputs=not args.no_run)
     state = {"rc": 0, "finished": False}
 
     def finish(demo=None):

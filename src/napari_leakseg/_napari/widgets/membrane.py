@@ -190,7 +190,7 @@ class MembraneWidget(JobWidget):
             if index:
                 kw.update(index=index, full_shape=full_shape)
             write_layer(self.viewer, OUT_PROB, res["probability"], "image", colormap="magma",
-                        blending="additive", opacity=0.6, **kw)
+                        blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), **kw)
             write_layer(self.viewer, OUT_MEMBRANE, res["membrane"], "labels", **kw)
             write_layer(self.viewer, OUT_CELLS, res["cells"], "labels", **kw)
             self.status.value = f"predicted {res['done']} slice(s)" + (" (stopped)" if cancelled else "")

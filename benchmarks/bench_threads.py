@@ -3,9 +3,8 @@
 One scribble segmentation (``segment(image, strokes, classes_only=True)``, the filter-bank default) on
 a 481×321 RGB image runs in a fresh process, with torch's default 2 threads on this machine, under
 each wait policy (``default``: the variable unset, so GNU OpenMP threads spin for a while between
-parallel regions before they sleep; ``PASSIVE``: they sleep at once, what a user may set
-would set), on an idle
-machine and beside one busy process (a pure-Python loop, standing in for napari's GUI thread or any
+parallel regions before they sleep; ``PASSIVE``: they sleep at once, what a user may set), on an
+idle machine and beside one busy process (a pure-Python loop, standing in for napari's GUI thread or any
 other program). Policies alternate run by run so that both see the same load; medians are reported.
 
     python benchmarks/bench_threads.py [--repeats 5]
@@ -29,7 +28,7 @@ OUT = ROOT / "benchmarks" / "results" / "threads.json"
 DOC = ROOT / "docs" / "benchmarks" / "threads.md"
 
 CHILD = r"""
-import os, sys, time, json
+import os, time, json
 import numpy as np
 import torch  # loaded first: the policy in the environment is what OpenMP sees
 from napari_leakseg.scribble import segment
@@ -41,9 +40,9 @@ scr = np.zeros(img.shape[:2], np.uint8)
 scr[50:53, 20:200] = 1
 scr[250:253, 300:460] = 2
 scr[150:153, 150:350] = 3
-segment(img[:64, :64], scr[:64, :64] * 0 + (scr[:64, :64] > 0), device="cpu")  # warm-up (imports, kernels)
+segment(img[:64, :64], np.minimum(scr[:64, :64], 1), device="cpu")  # warm-up (imports, kernels)
 t0 = time.perf_counter()
-r = segment(img, scr, classes_only=True, device="cpu", seed=0)
+segment(img, scr, classes_only=True, device="cpu", seed=0)
 print(json.dumps({"s": time.perf_counter() - t0, "threads": torch.get_num_threads(),
                   "policy": os.environ.get("OMP_WAIT_POLICY")}))
 """

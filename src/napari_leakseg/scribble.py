@@ -22,6 +22,8 @@ Two configurations live here:
     full resolution with frozen BatchNorm statistics, an early stop on the
     pseudo-label change rate, and post-processing that merges components
     smaller than ``min_size`` into their neighbours and relabels compactly.
+    Without scribbles, adjacent regions whose mean colour differs by less than
+    ``merge`` (CIELAB ΔE 12) are then merged, keeping cluster ids (issue 14).
 
 Label conventions: scribbles use 0 = unlabeled and 1..K = classes (ids need not
 be consecutive; class k is trained on channel k-1). In the output, scribbled
@@ -51,6 +53,7 @@ from .core.jobs import Progress, Throttle, run_job
 from .core.labels import check_labels, smallest_uint
 from .core.modelcheck import ModelSpec, Param, build_model as checked_model, check_value
 from .core.normalize import check_image, percentile_range
+from .core.regions import merge_similar_regions, merge_small_components, region_colour
 
 __all__ = [
     "SegmentConfig",
@@ -98,6 +101,8 @@ class SegmentConfig:
     balance: bool = False            # class-balanced scribble loss (weights 1 / pixels per class)
     adapt_con: float = 0.0           # > 0: multiply mu_con by this whenever a class's scribbles are not learned
     con_crop: int = 64               # filters + scribbles: continuity on 2 full-resolution crops of this size
+    merge: float = 0.0               # unsupervised: merge adjacent regions whose mean colour differs by less
+                                     # than this (CIELAB ΔE; 100 × intensity for grey); 0 = off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,7 +114,7 @@ CONFIGS = {
     "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.1, mu_con=0.0, mu_scr=1.0,
                              train_pixels=20_000, max_iter=80, min_iter=40, scribble_acc=0.95,
                              min_size=None),
-    "fast": SegmentConfig(),
+    "fast": SegmentConfig(merge=12.0),  # merge: chosen on BSDS (benchmarks/bench_scribble.py, issue 14)
     "paper": SegmentConfig(
         q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1, mu_con=1.0, mu_scr=0.5,
         train_pixels=None, max_iter=1000, min_iter=0, stop_change=0.0,
@@ -307,31 +312,6 @@ def prepare_scribbles(scribbles, spatial_shape, n: int, squeeze: bool):
 
 
 # --------------------------------------------------------------------------- post-processing
-def merge_small_components(lab: np.ndarray, min_size: int) -> np.ndarray:
-    """Give 4-connected components smaller than ``min_size`` pixels the label of the nearest larger one.
-
-    ``lab`` is a 2D integer map (any ids). Returns a new array; the input is not modified.
-    """
-    from scipy import ndimage as ndi
-    from skimage.measure import label as cc_label
-
-    lab = np.asarray(lab)
-    if min_size is None or min_size <= 1:
-        return lab.copy()
-    cc = cc_label(lab.astype(np.int32) + 1, connectivity=1, background=0)
-    sizes = np.bincount(cc.ravel())
-    small = sizes < min_size
-    small[0] = False
-    bad = small[cc]
-    if not bad.any():
-        return lab.copy()
-    if bad.all():  # everything is small: keep the largest component's label everywhere near it
-        keep = np.argmax(sizes[1:]) + 1
-        bad = cc != keep
-    _, (iy, ix) = ndi.distance_transform_edt(bad, return_indices=True)
-    return lab[iy, ix]
-
-
 def _min_size_px(min_size, area: int) -> int:
     if min_size is None:
         return 0
@@ -847,17 +827,26 @@ def _predict_full(model, data: _TrainData, dev, cfg: SegmentConfig, K, class_ids
         lut[k - 1] = k
     else:
         labs = [lut[a.numpy()] for a in am]
-    msize = _min_size_px(cfg.min_size, Y * X)
-    out = []
-    for lab in labs:
-        if msize > 1:
-            lab = merge_small_components(lab, msize)
-        out.append(lab)
-    labels = np.stack(out)
+    labels = _postprocess(labs, x_full, cfg, merge=cfg.merge if not class_ids else 0.0)
     # compact: ids 1..K kept, others renumbered K+1.. (consecutive), in the result and in the
     # saved channel→id table alike, so a saved model numbers segments as this result does
     lut, labels = _compact_ids(lut, labels, K)
     return labels, lut, counts
+
+
+def _postprocess(labs, x_full: torch.Tensor, cfg: SegmentConfig, merge: float) -> np.ndarray:
+    """Per slice: small components into their neighbours, then (``merge`` > 0) regions of similar colour."""
+    Y, X = labs[0].shape
+    msize = _min_size_px(cfg.min_size, Y * X)
+    n_img = x_full.shape[1] - (2 if cfg.coords > 0 else 0)  # the image's channels, without position ones
+    out = []
+    for i, lab in enumerate(labs):
+        if msize > 1:
+            lab = merge_small_components(lab, msize)
+        if merge > 0:
+            lab = merge_similar_regions(lab, region_colour(x_full[i, :n_img].numpy()), merge)
+        out.append(lab)
+    return np.stack(out)
 
 
 def _compact_ids(lut: np.ndarray, labels: np.ndarray, K: int):

@@ -387,10 +387,20 @@ class _TrainData:
     scr_idx: Optional[torch.Tensor] = None     # grid positions of scribbles (raw net) or None
     sim_idx: Optional[torch.Tensor] = None     # grid positions in the similarity loss (None = all)
     scr_feats: Optional[torch.Tensor] = None   # (1, F, 1, P) features of the scribbled pixels (filters)
-    f_full: Optional[torch.Tensor] = None      # standardised full-resolution features (filters)
+    raw_full: Optional[torch.Tensor] = None    # raw full-resolution features (filters) ...
+    norm: Optional[tuple] = None               # ... and their (mean, std): standardised on demand
+    _f_full: Optional[torch.Tensor] = None
     crop: int = 0                              # continuity on full-resolution crops of this size (filters)
     gen: Optional[torch.Generator] = None
     crop_out: Optional[torch.Tensor] = None    # the last iteration's response on the crops
+
+    @property
+    def f_full(self) -> torch.Tensor:
+        """Standardised full-resolution features, computed on first use (not before the first preview)."""
+        if self._f_full is None:
+            mean, std = self.norm
+            self._f_full = (self.raw_full - mean) / std
+        return self._f_full
 
     def crops(self, n: int = 2) -> torch.Tensor:
         """``n`` random full-resolution crops of the features (continuity at the image's own scale)."""
@@ -402,7 +412,7 @@ class _TrainData:
 
     def forward(self, model):
         """(grid response (N, q, h, w), logits of the scribbled pixels (P, q) or None)."""
-        if self.f_full is not None and self.scr_feats is None:  # filters, no scribbles: the grid holds features
+        if self.raw_full is not None and self.scr_feats is None:  # filters, no scribbles: the grid holds features
             return model.head(self.grid), None
         if self.scr_feats is None:  # raw conv net: scribbles live on the grid
             out = model(self.grid)
@@ -447,16 +457,17 @@ def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -
 
     if cfg.input == "filters":
         raw = _filter_bank(model, xt, dev)
-        if fit_stats:
+        if fit_stats:  # statistics from a strided sample of about 40k pixels per channel: unbiased, cheap
             from .core.filters import standardize
 
-            _, (mean, std) = standardize(raw)
+            step = max(1, math.ceil(math.sqrt(N * Y * X / 40_000)))
+            _, (mean, std) = standardize(raw[:, :, ::step, ::step])
             model.mean.copy_(mean)
             model.std.copy_(std)
-        f_full = (raw - model.mean) / model.std
+        norm = (model.mean, model.std)
         # crops only feed the continuity term: none are cut (or pushed through the network) when it is off
-        data = _TrainData(xt, down(f_full).contiguous(), (h, w), scale, f_full=f_full,
-                          crop=cfg.con_crop if cfg.mu_con > 0 else 0,
+        data = _TrainData(xt, ((down(raw) - norm[0]) / norm[1]).contiguous(), (h, w), scale, raw_full=raw,
+                          norm=norm, crop=cfg.con_crop if cfg.mu_con > 0 else 0,
                           gen=torch.Generator().manual_seed(0))
         if scr is None:
             data.crop = 0  # unsupervised: continuity on the grid, as the reference
@@ -464,7 +475,8 @@ def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -
             zz, yy, xx = np.nonzero(scr)
             data.tgt_scr = torch.from_numpy(scr[zz, yy, xx]).to(dev)
             data.scr_target = data.tgt_scr - 1
-            data.scr_feats = f_full[zz, :, yy, xx].T[None, :, None, :].contiguous()
+            data.scr_feats = ((raw[zz, :, yy, xx] - norm[0].reshape(1, -1)) / norm[1].reshape(1, -1)) \
+                .T[None, :, None, :].contiguous()
         return data
     data = _TrainData(xt, down(xt).to(dev).contiguous(), (h, w), scale)
     if scr is not None:

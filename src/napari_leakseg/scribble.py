@@ -531,6 +531,8 @@ def iter_segment(
         raise LeaksegError(f"time_budget must be positive, got {time_budget}")
     if cfg.max_iter < 1:
         raise LeaksegError(f"max_iter must be at least 1, got {cfg.max_iter}")
+    if not cfg.merge >= 0:
+        raise LeaksegError(f"merge must be 0 (off) or a positive colour distance, got {cfg.merge}")
 
     x_np, info = prepare_image(image, rgb=rgb, stack=stack)
     N, C, Y, X = x_np.shape

@@ -58,3 +58,21 @@ def test_cli_unsupervised_npy_and_errors(tmp_path, capsys):
     assert "does not match" in err and err.count("\n") == 1
     with pytest.raises(SystemExit):  # --max-iter and --time-budget are exclusive
         main(["segment", "a.png", "--max-iter", "3", "--time-budget", "2", "--out", "b.png"])
+
+
+def test_cli_merge_option(tmp_path, capsys):
+    """--merge 0 gives the unmerged result of the Python API; a negative distance is a one-line error."""
+    from napari_leakseg.scribble import segment
+
+    img = _image()
+    np.save(tmp_path / "img.npy", img)
+    out = tmp_path / "seg.npy"
+    rc = main(["segment", str(tmp_path / "img.npy"), "--merge", "0", "--max-iter", "20", "-q", "--device", "cpu",
+               "--out", str(out)])
+    assert rc == 0
+    np.testing.assert_array_equal(np.load(out), segment(img, max_iter=20, device="cpu", merge=0).labels)
+    rc = main(["segment", str(tmp_path / "img.npy"), "--merge", "-1", "--out", str(tmp_path / "x.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "merge must be" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.npy").exists()

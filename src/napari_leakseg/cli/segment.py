@@ -33,6 +33,9 @@ def register(sub) -> None:
                    help="'auto' (default): 'filters' with scribbles, 'fast' without; 'filters': a per-pixel "
                         "network on a multiscale filter bank; 'fast': a small CNN on the image itself; "
                         "'paper': the reference configuration (slow)")
+    p.add_argument("--merge", type=float, default=None, metavar="DE",
+                   help="without scribbles: merge adjacent regions whose mean colour differs by less than DE "
+                        "(CIELAB ΔE; 100 × intensity for grey; default 12 with the fast config, 0 = off)")
     p.add_argument("--stack", action="store_true",
                    help="treat a 3D input as a Z/T stack of 2D images (one shared model); default guesses")
     p.add_argument("--save-model", metavar="M", help="also save the trained model (.pt) for `leakseg apply` "
@@ -79,7 +82,7 @@ def run(args) -> int:
     gen = iter_segment(image, scr, n_segments=args.segments, max_iter=args.max_iter,
                        time_budget=args.time_budget, seed=args.seed, device=args.device,
                        warm_start=warm, classes_only=args.classes_only, config=args.config,
-                       stack=True if args.stack else None)
+                       stack=True if args.stack else None, merge=args.merge)
     res = common.run_with_progress(gen, quiet=args.quiet)
     labels = res.labels
     if scr is not None and args.unlabeled_value == 255:

@@ -11,8 +11,10 @@ Plain torch/numpy (no napari, no Qt). Training modes:
   parameters from a low-quality example.
 * ``self-supervised``: low-quality images only. SEM noise is correlated along
   the scan lines (rows) and independent between them; ``ss_method``:
-  ``lines`` (the even lines predict the odd ones, Noise2Noise-style; default),
-  ``nb2nb`` (Neighbor2Neighbor with neighbours on different lines) or ``n2v``
+  ``lines-ssim`` (default: the even lines predict the odd ones with a
+  noise-corrected SSIM loss, and the restoration averages the four flips of
+  the image along and across the scan lines), ``lines`` (the same pairs with an
+  MSE loss, Noise2Noise-style, no flips), ``nb2nb`` (Neighbor2Neighbor with neighbours on different lines) or ``n2v``
   (structN2V: a blind spot along the scan line).
 * ``noise2noise``: two fast scans of each field (``low`` and ``low2``),
   registered to each other.
@@ -60,7 +62,11 @@ LOSSES = ("ssim", "mse", "l1")
 GAN_LOSS = "pix2pix"
 MODES = ("paired", "degrade", "self-supervised", "noise2noise")
 #: self-supervised methods for SEM noise correlated along the scan lines (rows)
-SS_METHODS = ("lines", "nb2nb", "n2v")
+SS_METHODS = ("lines-ssim", "lines", "nb2nb", "n2v")
+#: self-supervised methods trained on :func:`line_pairs` (restored with :func:`lines_fn`)
+LINE_METHODS = ("lines", "lines-ssim")
+#: loss name of ``lines-ssim`` (SSIM against a noisy target, corrected for the target's noise)
+NOISY_SSIM_LOSS = "ssim-noisy-target"
 CAPABILITY = "restore"
 
 __all__ = [
@@ -68,7 +74,7 @@ __all__ = [
     "crop_data_bar", "register_pair", "degrade", "estimate_noise", "estimate_degradation",
     "ssim", "restoration_loss", "train_restore", "train", "iter_restore", "restore_image",
     "predictor_from_model", "detect_blobs", "match_blobs", "fabrication_check",
-    "fabrication_risk_map", "psnr", "ssim_np",
+    "fabrication_risk_map", "psnr", "ssim_np", "ssim_noisy_target", "SS_METHODS",
 ]
 
 
@@ -505,6 +511,52 @@ def restoration_loss(kind: str = "ssim", alpha: float = 0.84):
     return loss
 
 
+#: expected windowed variance of the noise / its pixel variance, for the 11-px SSIM window (sigma 1.5)
+#: and noise correlated along the rows (lag-1 ≈ 0.55, lag-2 ≈ 0.2): 1 − Σw²·(1 + 2·(0.55 + 0.2)) ≈ 0.91
+NOISE_WINDOW_FACTOR = 0.9
+
+
+def _gauss_filter(x: torch.Tensor, sigma: float = 1.5, size: int = 11) -> torch.Tensor:
+    """Separable Gaussian window (valid convolution), as in SSIM."""
+    g = torch.exp(-(torch.arange(size, dtype=x.dtype, device=x.device) - size // 2) ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    c = x.shape[1]
+    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def ssim_noisy_target(p: torch.Tensor, t: torch.Tensor, poisson: float, gaussian: float,
+                      factor: float = NOISE_WINDOW_FACTOR, data_range: float = 1.0) -> torch.Tensor:
+    """Mean SSIM of ``p`` against a *noisy* target ``t``, corrected for the target's noise.
+
+    The target's local mean and its covariance with ``p`` are unbiased when the
+    target's noise is independent of ``p`` (another scan line), but its local
+    variance carries the noise variance too, which would reward inflating the
+    contrast. That part, ``factor``·(poisson·mean + gaussian²) (Poisson–Gaussian,
+    from :func:`estimate_noise`), is subtracted from the target's local variance.
+    """
+    C1, C2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mp, mt = _gauss_filter(p), _gauss_filter(t)
+    vp = _gauss_filter(p * p) - mp ** 2
+    vt = _gauss_filter(t * t) - mt ** 2
+    cpt = _gauss_filter(p * t) - mp * mt
+    vt = (vt - factor * (poisson * mt.clamp(min=0) + gaussian ** 2)).clamp(min=0)
+    # clamped: with normalised images near 0 a negative (inverted) output would otherwise make both
+    # factors negative and their product positive, a degenerate optimum
+    lum = ((2 * mp * mt + C1) / (mp ** 2 + mt ** 2 + C1)).clamp(min=0)
+    cs = (2 * cpt + C2) / (vp + vt + C2)
+    return (lum * cs).mean()
+
+
+def noisy_ssim_loss(poisson: float, gaussian: float, alpha: float = 0.84):
+    """``alpha``·(1 − :func:`ssim_noisy_target`) + (1 − alpha)·L1, for targets that are noisy scans."""
+
+    def loss(p, t):
+        return alpha * (1 - ssim_noisy_target(p, t, poisson, gaussian)) + (1 - alpha) * F.l1_loss(p, t)
+
+    return loss
+
+
 def ssim_np(a, b, data_range: float = 1.0) -> float:
     """SSIM with scikit-image (Gaussian weights, as in Wang et al. 2004)."""
     from skimage.metrics import structural_similarity
@@ -742,6 +794,30 @@ def lines_fn(fn):
     return run
 
 
+def flips_fn(fn):
+    """Average a (C, h, w) tile function over the four flips along and across the scan lines.
+
+    Rows stay rows (no 90° rotation), so the scan direction is kept; for a
+    :func:`lines_fn` model the vertical flip predicts every line from the other
+    side as well (the line above instead of the line below).
+    """
+
+    def run(t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, np.float32)
+        acc = None
+        for fy in (False, True):
+            for fx in (False, True):
+                a = t[:, ::-1] if fy else t
+                a = a[:, :, ::-1] if fx else a
+                o = np.asarray(fn(np.ascontiguousarray(a)), np.float32)
+                o = o[:, ::-1] if fy else o
+                o = o[:, :, ::-1] if fx else o
+                acc = o.copy() if acc is None else acc + o
+        return acc / 4
+
+    return run
+
+
 def _nb2nb_indices(shape, gen: torch.Generator):
     """Neighbor2Neighbor sub-sampler restricted to neighbours on different scan lines.
 
@@ -881,7 +957,10 @@ def _training_pairs(mode, low, high, low2, degradation, estimate_from, bar, min_
             for i, x in enumerate(_as_list(low, "low"))]
     method, sc = _self_supervised_method(ss_method, lows)
     info.update(method=method, scan_corr=sc)
-    if method == "lines":
+    if method == "lines-ssim":  # the noise level of the targets, for the noise-corrected SSIM
+        nz = [estimate_noise(x) for x in lows]
+        info["noise"] = (float(np.median([n[0] for n in nz])), float(np.median([n[1] for n in nz])))
+    if method in LINE_METHODS:
         pairs = [p for x in lows for p in line_pairs(x)]
     else:
         pairs = [(x, x) for x in lows]
@@ -922,7 +1001,7 @@ def train_restore(
     val_every: int = 25,
     n2v_fraction: float = 0.02,
     blind_x: int | str = "auto",
-    ss_method: str = "lines",
+    ss_method: str = "lines-ssim",
     low2=None,
     seed: int | None = 0,
     device="auto",
@@ -933,8 +1012,8 @@ def train_restore(
     ``mode``: ``paired`` (``low`` and ``high`` lists of images of the same
     fields), ``degrade`` (``high`` only, plus ``degradation`` settings or
     low-quality example(s) ``estimate_from`` to estimate them from),
-    ``self-supervised`` (``low`` only; ``ss_method`` ``lines``, ``nb2nb`` or
-    ``n2v``, see :data:`SS_METHODS`) or ``noise2noise`` (``low`` and ``low2``:
+    ``self-supervised`` (``low`` only; ``ss_method`` ``lines-ssim``, ``lines``,
+    ``nb2nb`` or ``n2v``, see :data:`SS_METHODS`) or ``noise2noise`` (``low`` and ``low2``:
     two fast scans of every field). ``None`` picks from what is given.
     ``loss="pix2pix"`` trains a GAN (paired/degrade only; it can fabricate).
     Cancelling (``JobCancelled``) returns the best model so far (by validation
@@ -954,7 +1033,7 @@ def train_restore(
                                                    min_corr, ss_method, rng)
     method = info.get("method")
     noisy_target = mode in ("self-supervised", "noise2noise")
-    augment = {"lines": "hflip", "nb2nb": "flips", "n2v": "flips"}.get(method, "full")
+    augment = {"lines": "hflip", "lines-ssim": "hflip", "nb2nb": "flips", "n2v": "flips"}.get(method, "full")
     if method == "n2v" and blind_x == "auto":  # structured blind spot when the noise is correlated along rows
         blind_x = int(math.ceil(2 * info["scan_corr"])) if info["scan_corr"] >= 0.3 else 0
     if method == "n2v" and blind_x == 0:
@@ -970,7 +1049,10 @@ def train_restore(
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.5, 0.999) if loss == GAN_LOSS else (0.9, 0.999))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = (_Pix2Pix(net, dev, steps) if loss == GAN_LOSS else
+               noisy_ssim_loss(*info["noise"]) if method == "lines-ssim" else
                restoration_loss("mse" if noisy_target else loss))
+    loss_name = (GAN_LOSS if loss == GAN_LOSS else NOISY_SSIM_LOSS if method == "lines-ssim" else
+                 "mse" if noisy_target else loss)
     vrng = np.random.default_rng(12345)
     vmult = max(net.multiple, 2 * net.multiple if method == "nb2nb" else 0)
     val_batch = (_random_crops(val_pairs, 8, crop, vrng, augment=False, multiple=vmult) if val_pairs else
@@ -983,15 +1065,17 @@ def train_restore(
     meta = {
         "capability": CAPABILITY,
         "arch": dict(net.arch),
-        "train": dict(mode=mode, loss=GAN_LOSS if loss == GAN_LOSS else ("mse" if noisy_target else loss),
+        "train": dict(mode=mode, loss=loss_name,
                       steps=steps, batch_size=batch_size, crop=crop, lr=lr,
                       seed=seed, n_images=len(pairs), val_fraction=val_fraction,
                       ss_method=method,
                       n2v_fraction=n2v_fraction if method == "n2v" else None,
                       blind_x=blind_x if method == "n2v" else None,
-                      degradation=deg.to_dict() if deg is not None else None),
+                      degradation=deg.to_dict() if deg is not None else None,
+                      noise=list(info["noise"]) if "noise" in info else None),
         "normalization": {"method": "percentile", "low": 1.0, "high": 99.8},
-        "inference": "lines" if method == "lines" else "direct",
+        "inference": "lines" if method in LINE_METHODS else "direct",
+        "tta": "flips" if method == "lines-ssim" else None,
         "gan": loss == GAN_LOSS,
         "output": "image",
     }
@@ -1013,7 +1097,7 @@ def train_restore(
             return nb2nb_loss(net, x.to(dev), vgen if on_val else gen)
         if loss == GAN_LOSS and not on_val:
             return loss_fn(x.to(dev), y.to(dev), opt)
-        if on_val:
+        if on_val and method != "lines-ssim":
             return F.mse_loss(net(x.to(dev)), y.to(dev))
         return loss_fn(net(x.to(dev)), y.to(dev))
 
@@ -1091,7 +1175,8 @@ OUTPUTS = ("input", "float", "normalized")
 
 def _tile_fn(net, dev, metadata):
     fn = numpy_fn(net, dev, multiple=net.multiple)
-    return lines_fn(fn) if (metadata or {}).get("inference") == "lines" else fn
+    fn = lines_fn(fn) if (metadata or {}).get("inference") == "lines" else fn
+    return flips_fn(fn) if (metadata or {}).get("tta") == "flips" else fn
 
 
 def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:

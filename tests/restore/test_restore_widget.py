@@ -55,7 +55,8 @@ def test_widget_paired_degrade_selfsup_apply_risk_save_load(make_napari_viewer, 
     assert w.train()
     _wait(qtbot, w)
     assert w.model.metadata["train"]["mode"] == "self-supervised"
-    assert w.model.metadata["train"]["ss_method"] == "lines"
+    assert w.model.metadata["train"]["ss_method"] == "lines-ssim"  # the default
+    assert w.model.metadata["tta"] == "flips"
     # stack apply, normalised output
     st = viewer.add_image(np.stack([low, low[::-1]]), name="stack")
     w.target.value = st

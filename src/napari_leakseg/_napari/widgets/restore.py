@@ -33,6 +33,7 @@ MODE_LABELS = {
 }
 
 SS_LABELS = {
+    "scan lines, SSIM + flips": "lines-ssim",
     "scan lines (even → odd)": "lines",
     "Neighbor2Neighbor": "nb2nb",
     "structN2V blind spot": "n2v",
@@ -60,7 +61,7 @@ class RestoreWidget(JobWidget):
                                           tooltip="clean image(s): same fields as 'low' for paired training")
         self.low2 = self.add_layer_picker("low2", "second scan", "image", optional=True,
                                           tooltip="Noise2Noise: a second fast scan of the 'low' field(s)")
-        self.ss_method = self.add(ComboBox(choices=list(SS_LABELS), value="scan lines (even → odd)",
+        self.ss_method = self.add(ComboBox(choices=list(SS_LABELS), value="scan lines, SSIM + flips",
                                            label="self-supervised",
                                            tooltip="method for noise correlated along the scan lines"))
         self.noise = self.add(FloatSpinBox(value=0.08, min=0, max=1, step=0.01, label="noise (Gaussian sd)"))

@@ -504,9 +504,14 @@ def restoration_loss(kind: str = "ssim", alpha: float = 0.84):
         return F.mse_loss
     if kind == "l1":
         return F.l1_loss
+    return _ssim_l1(ssim, alpha)
+
+
+def _ssim_l1(ssim_fn, alpha: float):
+    """``alpha``·(1 − ``ssim_fn``) + (1 − alpha)·L1 (Zhao et al.'s mix), as a loss ``f(pred, target)``."""
 
     def loss(p, t):
-        return alpha * (1 - ssim(p, t)) + (1 - alpha) * F.l1_loss(p, t)
+        return alpha * (1 - ssim_fn(p, t)) + (1 - alpha) * F.l1_loss(p, t)
 
     return loss
 
@@ -550,11 +555,7 @@ def ssim_noisy_target(p: torch.Tensor, t: torch.Tensor, poisson: float, gaussian
 
 def noisy_ssim_loss(poisson: float, gaussian: float, alpha: float = 0.84):
     """``alpha``·(1 − :func:`ssim_noisy_target`) + (1 − alpha)·L1, for targets that are noisy scans."""
-
-    def loss(p, t):
-        return alpha * (1 - ssim_noisy_target(p, t, poisson, gaussian)) + (1 - alpha) * F.l1_loss(p, t)
-
-    return loss
+    return _ssim_l1(lambda p, t: ssim_noisy_target(p, t, poisson, gaussian), alpha)
 
 
 def ssim_np(a, b, data_range: float = 1.0) -> float:

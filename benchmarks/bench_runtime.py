@@ -72,15 +72,30 @@ class StallMeter:
         if len(self.gaps) % 10 == 0:
             self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
 
+    def _gc(self, phase, info):
+        """gc callback: the longest full (generation 2) collection, which runs in whatever thread allocates."""
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif info.get("generation") == 2 and self._gc_t0 is not None:
+            self.gc_full.append(time.perf_counter() - self._gc_t0)
+
     def start(self):
+        import gc
+
+        self.gc_full, self._gc_t0 = [], None
+        gc.callbacks.append(self._gc)
         self.last = time.perf_counter()
         self.timer.start()
 
     def stop(self):
+        import gc
+
         self.timer.stop()
+        gc.callbacks.remove(self._gc)
         self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
         return {"max_stall_ms": 1000 * max(self.gaps[1:]),
-                "p99_stall_ms": 1000 * float(np.percentile(self.gaps[1:], 99))}
+                "p99_stall_ms": 1000 * float(np.percentile(self.gaps[1:], 99)),
+                "full_gc": len(self.gc_full), "full_gc_max_ms": 1000 * max(self.gc_full, default=0.0)}
 
 
 def demo_run(app) -> dict:
@@ -200,7 +215,8 @@ def demo_part(app, repeats: int, load) -> dict:
         runs.append(demo_run(app))
         print(f"demo {r}: " + ", ".join(f"{k} {v:.1f}" for k, v in runs[-1].items()
                                         if isinstance(v, float)) + f", ok {runs[-1]['ok']}", flush=True)
-    keys = ("max_stall_ms", "p99_stall_ms", "first_result_s", "all_results_s", "rss_before_jobs_mb", "peak_rss_mb")
+    keys = ("max_stall_ms", "p99_stall_ms", "full_gc_max_ms", "first_result_s", "all_results_s", "rss_before_jobs_mb",
+            "peak_rss_mb")
     med = {k: statistics.median(x[k] for x in runs if x[k] is not None) for k in keys}
     print("\n| demo metric | median |\n|---|---|")
     for k, v in med.items():

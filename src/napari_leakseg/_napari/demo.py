@@ -328,8 +328,8 @@ def freeze_gc() -> None:
     """Move every object alive now out of the cyclic garbage collector's way (``gc.freeze``).
 
     A full (generation 2) collection walks every object of the process: with napari's viewer that
-    is about 650,000 objects and 300-450 ms in the GUI thread, the longest stall a demo run had
-    (bench_runtime.py). Frozen objects are skipped by collections; the objects the jobs create
+    is about 650,000 objects; its 0.3 s in the GUI thread made the longest stalls of a demo run (300-750 ms
+    turns, bench_runtime.py). Frozen objects are skipped by collections; the objects the jobs create
     are still collected. ``unfreeze_gc`` undoes it when the last run ends.
     """
     import gc

@@ -66,9 +66,10 @@ def merge_similar_regions(lab: np.ndarray, colour: np.ndarray, threshold: float)
     The closest adjacent pair (Euclidean distance of mean colours) is merged first and its
     distances to its neighbours are recomputed, until no pair is closer than ``threshold``
     (skimage's ``merge_hierarchical`` with mean colour, without its per-pixel graph building:
-    about 60 ms for a few hundred regions at 481×321). Each merged region then takes the id of its largest original piece, so
-    the output uses only ids of ``lab`` (cluster ids stay cluster ids). ``lab``: (Y, X)
-    integers; ``colour``: (Y, X) or (Y, X, c). Returns a new array.
+    about 60 ms for a few hundred regions at 481×321). Each merged region then takes the id
+    of its largest original piece, so the output uses only ids of ``lab`` (cluster ids stay
+    cluster ids). ``lab``: (Y, X) integers; ``colour``: (Y, X) or (Y, X, c). Returns a new
+    array.
     """
     lab = np.asarray(lab)
     if threshold is None or threshold <= 0:

@@ -7,7 +7,7 @@ import pytest
 
 from napari_leakseg.propagate import (Propagator, foreground_iou, link_instances, link_scores, propagate_ids,
                                       track_instances)
-from napari_leakseg.propagate.corrections import same_result, suggest_frames
+from napari_leakseg.propagate.corrections import fuse_correction, same_result, suggest_frames
 from napari_leakseg.propagate.flow import flow_propagate, warp_labels
 from napari_leakseg.propagate.pseudo import frame_cues, fuse, one_hot
 
@@ -102,6 +102,70 @@ def test_correction_that_changes_nothing_stops_early_and_touches_nothing_else():
     ids = sess.instances(min_size=5)
     assert set(np.unique(ids[0])) == set(np.unique(inst[0]))
     assert foreground_iou(sess.labels[7], inst[7]) > 0.7
+
+
+def test_fuse_correction_follows_the_change_near_it_and_in_its_direction():
+    old = np.zeros((30, 40), np.uint8)
+    old[12:16, 20:24] = 1  # an object the correction has nothing to do with
+    new = old.copy()
+    new[5:9, 5:9] = 1      # next to where the user painted class 1: taken
+    new[20:25, 30:35] = 1  # far from it (re-trained network noise): ignored
+    new[12:16, 20:24] = 0  # near it, but a change the other way (1 -> 0): ignored
+    region = np.full(old.shape, -1, np.int16)
+    region[10, 6] = 1      # the user painted class 1 here
+    region[12, 18] = 1
+    out, taken, left = fuse_correction(new, old, region, reach=6)
+    assert out[5:9, 5:9].all() and out[20:25, 30:35].sum() == 0 and out[12:16, 20:24].all()
+    assert taken.sum() == 16 and not taken[20, 30]
+    assert np.array_equal(left >= 0, taken) and np.all(left[taken] == 1)
+    # the new result agrees with the old one near the change: its influence has ended
+    out, _, left = fuse_correction(old, old, region, reach=6)
+    assert (left < 0).all() and np.array_equal(out, old)
+    # a deletion (towards 0) removes only
+    region[:] = -1
+    region[14, 19] = 0
+    out, taken, _ = fuse_correction(new, old, region, reach=6)
+    assert not out[12:16, 20:24].any() and out[5:9, 5:9].sum() == 0 and taken.sum() == 16
+
+
+def test_a_correction_changes_other_frames_only_where_its_change_can_reach():
+    """A resume after a real, local correction: each later frame may differ from its
+    previous result only within ``reach`` pixels per frame of what the user changed;
+    the rest of it (the re-trained network's noise) is kept as it was."""
+    from scipy import ndimage as ndi
+
+    from napari_leakseg.samples import timelapse
+
+    stack, inst = timelapse(n_frames=9, shape=(80, 112), n_cells=4, seed=3)
+    lab = np.zeros(inst.shape, np.uint16)
+    lab[0] = inst[0]
+    reach = 5
+    sess = Propagator(stack, lab, device="cpu", instances=True, reach=reach, **{**FAST, "resume_steps": 20})
+    sess.run("forward")
+    before = np.array(sess.labels, copy=True)
+    fixed = (inst[3] > 0).astype(np.uint8)
+    cell = inst[3] == np.unique(inst[3])[-1]
+    fixed[cell] = 0  # the user deletes one cell (and the frame becomes its ground truth elsewhere)
+    diff = fixed != before[3]
+    assert diff.any()
+    sess.resume(3, direction="forward", labels_t=fixed)
+    done = sess.history[-1]["frames"]
+    assert done and done[0] == 4
+    dist = ndi.distance_transform_edt(~diff)
+    assert any((sess.labels[t] != before[t]).any() for t in done)  # the correction did change something
+    for t in range(4, 9):
+        changed = sess.labels[t] != before[t]
+        if t not in done:
+            assert not changed.any()
+            continue
+        assert np.all(dist[changed] <= reach * (t - 3) + 1e-6), t
+    for t in range(3):
+        np.testing.assert_array_equal(sess.labels[t], before[t])
+    # reach 0 keeps the old behaviour: the walk recomputes whole frames
+    sess0 = Propagator(stack, lab, device="cpu", instances=True, reach=0, **{**FAST, "resume_steps": 20})
+    sess0.run("forward")
+    sess0.resume(3, direction="forward", labels_t=fixed)
+    assert sess0.history[-1]["frames"][0] == 4
 
 
 def test_flow_baseline_follows_a_moving_cell():

@@ -40,12 +40,14 @@ class PropagateParams:
     balance: float = 0.0        #: class weights ∝ frequency**-balance (0 = none, 0.5 = sqrt)
     prior: float = 0.0          #: weight of the previous frame's result in the fused probabilities
     converge: int = 3           #: a resume stops after this many frames equal to the previous result
+    reach: int = 12             #: a resume follows a correction's change this far per frame (px, full res);
+                                #: outside it the previous result is kept (0 = recompute whole frames)
     seed: int = 0
 
     def check(self) -> "PropagateParams":
         if not (0.0 < float(self.tau) <= 1.0):
             raise InputError(f"tau must be in (0, 1], got {self.tau}")
-        for name in ("steps", "init_steps", "resume_steps", "window", "converge"):
+        for name in ("steps", "init_steps", "resume_steps", "window", "converge", "reach"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if int(self.downsample) < 1:

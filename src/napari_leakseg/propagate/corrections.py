@@ -8,7 +8,9 @@ to the previous result (the correction no longer changes anything: what follows 
 be recomputed to about the same labels by a noisier network); "equal" means agreeing
 within half of the correction's own size (:func:`stop_tolerance`). A frame confirmed
 as it was recomputes nothing. Frames out of its reach keep their labels, so a
-correction cannot change, let alone worsen, frames it has no influence on.
+correction cannot change, let alone worsen, frames it has no influence on. Within the
+frames it recomputes, only the pixels its change can reach take the new result
+(:func:`fuse_correction`); the rest of each frame keeps its previous result.
 """
 
 from __future__ import annotations
@@ -91,3 +93,41 @@ def suggest_frames(status: Sequence[str], uncertain: Sequence[float], disagreeme
                 if status[int(t)] == "pseudo" and int(t) not in picked]
         picked += rest[: k - len(picked)]
     return picked[:k] if T else []
+
+
+def grow(region: np.ndarray, reach: int) -> np.ndarray:
+    """Where a change may have moved in one frame: ``region`` (an int map, -1 = no change,
+    else the class the change is towards) spread by ``reach`` pixels (Euclidean), each
+    pixel taking the class of the nearest changed pixel."""
+    from scipy import ndimage as ndi
+
+    region = np.asarray(region)
+    none = region < 0
+    if reach <= 0 or none.all():
+        return region.copy()
+    dist, (iy, ix) = ndi.distance_transform_edt(none, return_indices=True)
+    return np.where(dist <= reach, region[iy, ix], -1)
+
+
+def fuse_correction(new: np.ndarray, old: np.ndarray, region: np.ndarray, reach: int):
+    """Difference-aware fusion of a recomputed frame with its previous result (after
+    Cheng et al., "Modular Interactive Video Object Segmentation", CVPR 2021).
+
+    A correction is a local edit towards given classes: ``region`` holds, for each pixel
+    it changed (in the corrected frame) or that its change still reaches (in the frames
+    after it), the class it changed that pixel to (-1 elsewhere). The recomputed result
+    ``new`` is taken only within ``region`` grown by ``reach`` pixels (how far a cell moves
+    in one frame), and only where it makes the same kind of change: towards the class the
+    user painted nearby (a deleted false positive can only shrink further on, a painted
+    missing cell only grow). Everywhere else the previous result ``old`` is kept, so the
+    re-trained network's noise cannot touch the rest of the frame.
+
+    Returns ``(labels, taken, region_next)``: the fused labels, where ``new`` was taken,
+    and the region for the next frame (the pixels taken, with their class). An empty
+    ``region_next`` (all -1) means the correction's influence has ended.
+    """
+    new, old = np.asarray(new), np.asarray(old)
+    cls = grow(region, reach)
+    taken = (cls >= 0) & (new == cls) & (new != old)
+    out = np.where(taken, new, old).astype(new.dtype, copy=False)
+    return out, taken, np.where(taken, cls, -1)

@@ -98,6 +98,9 @@ class Propagator:
         self.uncertain = np.full(T, np.nan)
         self.disagreement = np.full(T, np.nan)
         self._old: Optional[dict] = None  # a resume: the previous labels of the frames it may recompute
+        self._old_conf: dict[int, np.ndarray] = {}  # ... and their previous confidence
+        #: what each confirmation changed (bool mask, full res; None = a new frame, all of it)
+        self._diff: dict[int, Optional[np.ndarray]] = {}
         self._fresh: set[int] = set()  # anchors confirmed since the last run (their walks are due)
         #: how much confirming changed a frame (1 − agreement with its previous result; 1.0 = new)
         self.change: dict[int, float] = {}
@@ -171,8 +174,15 @@ class Propagator:
         self.n_classes = max(self.n_classes, K)
         f = self.params.downsample
         # how much this changes the frame (a re-confirmed frame whose walks are still due keeps its change)
-        ch = corrections.change(lab, np.asarray(self.labels[t])) if self.status[t] != "pending" else 1.0
+        old = np.asarray(self.labels[t])
+        ch = corrections.change(lab, old) if self.status[t] != "pending" else 1.0
         self.change[t] = max(ch, self.change.get(t, 0.0)) if t in self._fresh else ch
+        # what the confirmation changed, and to which class (-1: unchanged); None: a new frame
+        diff = np.where(lab != old, lab, -1).astype(np.int16) if self.status[t] != "pending" else None
+        if t in self._fresh and t in self._diff:  # confirmed again before its walks ran: both changes count
+            prev = self._diff[t]
+            diff = None if prev is None or diff is None else np.where(diff >= 0, diff, prev)
+        self._diff[t] = diff
         img = self._norm_frame(t)
         self._anchors[t] = Sample(t, down_image(img, f), down_labels(lab, f).astype(np.int64), None, True)
         self.labels[t] = lab
@@ -212,6 +222,7 @@ class Propagator:
             self._anchors.pop(t, None)
             self._anchor_inst.pop(t, None)
             self._fresh.discard(t)
+            self._diff.pop(t, None)
             self.status[t] = "pseudo"
 
     # ------------------------------------------------------------ the network
@@ -296,8 +307,13 @@ class Propagator:
             return None
         return one_hot(self._anchors[a].target, self.n_classes)
 
-    def _compute_frame(self, t: int, prior):
-        """Predict, fuse, clean and store frame ``t``; returns (labels, conf, sample, probs)."""
+    def _compute_frame(self, t: int, prior, region: Optional[np.ndarray] = None):
+        """Predict, fuse, clean and store frame ``t``; returns (labels, conf, sample, probs, region).
+
+        With ``region`` (a resume following a correction's change), the new result is
+        taken only where that change reaches (:func:`.corrections.fuse_correction`);
+        the returned region is where it is still alive (None without one).
+        """
         p = self.params
         img = self._norm_frame(t)
         img_ds = down_image(img, p.downsample)
@@ -310,11 +326,20 @@ class Propagator:
         target = None
         if p.min_size > 0:
             lab = clean_labels(lab, p.min_size)
+        if region is not None:
+            lab, taken, region = corrections.fuse_correction(lab, self._old[t], region, p.reach)
+            conf = np.where(taken, conf, self._old_conf[t] / 255.0).astype(np.float32)
+        if p.min_size > 0 or region is not None:
             target = pad_shape(down_labels(lab, p.downsample), prob.shape[1:], 0)
         self.labels[t] = lab
         self.confidence[t] = np.round(conf * 255).astype(np.uint8)
         self.status[t] = "pseudo"
-        return lab, conf, pseudo_sample(t, img_ds, prob, p.tau, target), prob
+        if region is None:
+            sample = pseudo_sample(t, img_ds, prob, p.tau, target)
+        else:  # the fused result trains the walk: its labels and confidence
+            conf_ds = pad_shape(down_labels(conf, p.downsample), prob.shape[1:], 0.0).astype(np.float32)
+            sample = Sample(t, img_ds, np.where(conf_ds >= p.tau, target.astype(np.int64), -1), conf_ds, False)
+        return lab, conf, sample, prob, region
 
     def _kept_frame(self, t: int):
         """A frame the walk passes without recomputing: its stored result feeds the window."""
@@ -327,8 +352,10 @@ class Propagator:
 
     def _walk(self, chains: list[Chain], recompute: set[int], total: int, done0: int = 0):
         """Walk the chains; yields a Progress per computed frame. During a resume
-        (``self._old`` set) a chain stops after ``converge`` frames in a row that
-        reproduce the previous result."""
+        (``self._old`` set) a chain from a correction takes the new result only where
+        the correction's change reaches (``params.reach``), and stops where that change
+        has died out or after ``converge`` frames in a row that reproduce the previous
+        result."""
         p = self.params
         done = done0
         self._computed: list[int] = []
@@ -338,11 +365,16 @@ class Propagator:
             prior = self._anchor_prior(ch.anchor)
             same = 0
             tol = corrections.stop_tolerance(self.change.get(ch.anchor, 1.0))
+            # a resume from a correction follows what it changed, frame to frame (None: whole frames)
+            region = self._diff.get(ch.anchor) if (self._old is not None and p.reach > 0
+                                                   and ch.anchor in self._fresh) else None
             for t in ch.frames:
                 if self.status[t] in ANCHOR:  # never modified (may appear if confirmed mid-run)
                     break
                 if t in recompute:
-                    lab, conf, sample, prior = self._compute_frame(t, prior)
+                    fuse_here = region if (region is not None and t in self._old) else None
+                    lab, conf, sample, prior, left = self._compute_frame(t, prior, fuse_here)
+                    region = left if fuse_here is not None else region
                     self._computed.append(t)
                     if self._old is not None and t in self._old:
                         same = same + 1 if corrections.same_result(lab, self._old[t], tol) else 0
@@ -364,6 +396,8 @@ class Propagator:
                     )
                 if p.converge and same >= p.converge:
                     break  # the correction no longer changes anything further on
+                if region is not None and not (region >= 0).any():
+                    break  # nothing the correction changed reaches further
         return done
 
     def iter_run(self, direction: str = "both", frames: Optional[Iterable[int]] = None,
@@ -422,6 +456,7 @@ class Propagator:
             return (yield from self.iter_run(direction))
         frames = self.resume_frames(t, direction)
         self._old = {f: np.array(self.labels[f], copy=True) for f in frames if self.status[f] == "pseudo"}
+        self._old_conf = {f: np.array(self.confidence[f], copy=True) for f in self._old}
         try:
             # from a confirmed frame: the walks of the new anchors that changed something (a frame
             # confirmed as it was carries no new information); from a pseudo frame: all walks over its gap
@@ -431,7 +466,7 @@ class Propagator:
                 frames = [f for f in frames if any(self._owner(f, direction) == a for a in starts)]
             res = yield from self.iter_run(direction, frames=frames, starts=starts)
         finally:
-            self._old = None
+            self._old, self._old_conf = None, {}
         self.history[-1]["kind"] = "resume"
         self.history[-1]["from"] = t
         return res

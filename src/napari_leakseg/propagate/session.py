@@ -427,6 +427,7 @@ class Propagator:
             n = yield from self._walk(chains, targets, total)
             self.history.append({"kind": "run", "direction": direction, "frames": sorted(self._computed)})
             self._fresh.clear()
+            self._diff.clear()  # the walks of those corrections ran: their change masks are spent
             yield Progress(n, total, f"done: {n} frames propagated")
         except JobCancelled:
             pass

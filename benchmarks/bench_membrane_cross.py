@@ -389,11 +389,68 @@ def fragment(extra, rows):
               f"for the {len(extra['runs'])} networks together "
               "(trained beforehand with `--train-only`, the evaluation runs used `--models`; the issue allows 15 min "
               "for training on all stacks).", ""]
+    sp = extra.get("speed")
+    if sp:
+        lines += [f"Speed (`--speed`, {sp['threads']} threads, load {sp['loadavg_start'][0]:.1f} at the "
+                  f"start): training on all five stacks as a user runs it (`{sp['train_cmd']}`) took "
+                  f"**{sp['train_wall_s']:.0f} s** wall ({sp['train_cpu_s']:.0f} CPU s), target ≤ 15 min: "
+                  f"{'met' if sp['train_wall_s'] <= 900 else '**missed**'}. Prediction of a 512² ISBI slice with 2 "
+                  f"reference slices with that model: **{sp['predict_512_s_median']:.2f} s** (median of "
+                  f"{sp['predict_repeats']}), target ≤ 1 s: {'met' if sp['predict_512_s_median'] <= 1 else '**missed**'}.",
+                  ""]
     return "\n".join(lines)
+
+
+def run_speed(threads: int = 2, repeats: int = 5) -> dict:
+    """Training on all five stacks as a user runs it (``leakseg membrane train`` with its defaults,
+    one ``--set`` per stack), then 512² prediction (an ISBI slice, 2 reference slices) with that model."""
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+
+    import torch
+
+    from napari_leakseg.membrane import load_model, predict_membrane
+
+    sets = []
+    for name in ("isbi2012", "fibsem_medulla", "fibsem_gala_train", "fibsem_gala", "ovule_confocal"):
+        folder, sub, mv = STACKS[name]
+        sets += ["--set", str(data_root() / folder / "image"), str(data_root() / folder / sub), str(mv)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "all_stacks.pt"
+        cmd = [sys.executable, "-m", "napari_leakseg.cli.main", "membrane", "train", *sets, "--out", str(model),
+               "--device", "cpu", "-q"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env)
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        tm = load_model(model)
+    torch.set_num_threads(threads)
+    ims, lbs, mv, _ = load_stack("isbi2012")
+    refs, rlbs = [ims[0], ims[len(ims) // 2]], [lbs[0], lbs[len(ims) // 2]]
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        t0 = time.perf_counter()
+        predict_membrane(tm, ims[5], refs, rlbs, membrane_value=mv, device="cpu")
+        times.append(time.perf_counter() - t0)
+    out = {"train_wall_s": round(wall, 1),
+           "train_cpu_s": round((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), 1),
+           "train_cmd": "leakseg membrane train --set IMAGES LABELS VALUE (×5: isbi2012, fibsem_medulla, "
+                        "fibsem_gala_train, fibsem_gala_test, ovule_confocal) --device cpu (defaults: 6×60 steps)",
+           "predict_512_s_median": round(float(np.median(times[1:])), 3), "predict_repeats": repeats,
+           "threads": threads, "loadavg_start": os.getloadavg()}
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--speed", action="store_true",
+                    help="only time training on all five stacks (the CLI's defaults) and 512² prediction; "
+                         "stored with the results")
     ap.add_argument("--targets", default=",".join(TARGETS))
     ap.add_argument("--train-seconds", type=float, default=120.0)
     ap.add_argument("--train-steps", type=int, default=0, help="train for this many steps instead of seconds")
@@ -428,6 +485,10 @@ def main(argv=None):
         return 0
     path = RESULTS / "membrane_cross_extra.json"
     extra = json.loads(path.read_text()) if (path.exists() and not args.fresh) else {"rows": [], "runs": []}
+    if args.speed:
+        extra["speed"] = run_speed(threads=max(args.threads, 2))
+        write_outputs(extra)
+        return 0
     if args.merge:
         for f in args.merge:
             part = json.loads(Path(f).read_text())

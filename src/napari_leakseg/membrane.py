@@ -971,21 +971,42 @@ class MembranePredictor:
         self.scale = float(scale) if scale is not None else float(trained.metadata.get("input_scale", 1.0))
         self.invert = bool(invert) if invert is not None else bool(trained.metadata.get("input_invert", False))
         self.ref_width: Optional[float] = None
+        #: membrane F1 on the references at each candidate scale (empty when no choice was made)
+        self.scale_scores: dict = {}
 
     def set_references(self, images, labels, membrane_value: Optional[int] = None, crop: int = 128,
-                       estimate_scale: bool = True):
+                       estimate_scale: bool = True, choose_scale: bool = True):
         """Encode annotated images as the references. Their membrane width (from the labels) sets
         the scale the target is read at (the model's training width / theirs) and their
-        polarity whether it is inverted, unless ``scale``/``invert`` were given explicitly."""
+        polarity whether it is inverted, unless ``scale``/``invert`` were given explicitly.
+
+        ``choose_scale``: the width measured from labels can mislead (labels drawn thinner or
+        thicker than the membranes in the image), so the scale is chosen among the measured
+        one, 1 (the image as it is) and their geometric mean by how well each reproduces
+        the references' own labels (membrane F1 on the reference images;
+        :attr:`scale_scores`)."""
         mv = self.trained.metadata.get("membrane_value", 1) if membrane_value is None else membrane_value
         pairs, self.ref_ranges = prepare_references(images, labels, mv)
         W = self.trained.metadata.get("train_width")
+        self.scale_scores = {}
         if estimate_scale and W:
             self.ref_width = membrane_width([m for _, m in pairs])
             if self.scale_override is None:
                 self.scale = float(np.clip(W / self.ref_width, 0.2, 5.0))
             if self.invert_override is None:
                 self.invert = membrane_polarity(pairs) > 0
+            if self.scale_override is None and choose_scale and abs(np.log(self.scale)) > np.log(1.1):
+                est = self.scale
+                for s in (est, float(np.sqrt(est)), 1.0):
+                    self.scale = s
+                    self._encode(pairs, crop)
+                    self.scale_scores[round(s, 4)] = reference_f1(self, pairs)
+                best = max(self.scale_scores, key=lambda s: (self.scale_scores[s], s == round(est, 4)))
+                self.scale = est if best == round(est, 4) else float(best)
+        return self._encode(pairs, crop)
+
+    def _encode(self, pairs, crop: int):
+        """The reference bank of normalised (image, mask) pairs at the current scale and polarity."""
         if not self.model.use_reference:
             return self
         pairs = [rescale_pair(1 - im if self.invert else im, m, self.scale) for im, m in pairs]
@@ -1039,6 +1060,25 @@ class MembranePredictor:
 
     def probability(self, image, lohi=None) -> np.ndarray:
         return run_job(self.iter_probability(image, lohi)).value
+
+
+def reference_f1(predictor: "MembranePredictor", pairs, threshold: float = 0.5) -> float:
+    """Pooled membrane F1 of ``predictor`` on annotated (normalised image, mask) pairs,
+    unlabeled (NaN) pixels ignored: how well it reproduces the references' own labels."""
+    tp = fp = fn = 0
+    ranges, predictor.ref_ranges = predictor.ref_ranges, []  # already normalised: no intensity warning
+    try:
+        probs = [predictor.probability(im, lohi=(0.0, 1.0)) for im, _ in pairs]
+    finally:
+        predictor.ref_ranges = ranges
+    for (im, m), p in zip(pairs, probs):
+        pred = p >= threshold
+        lab = ~np.isnan(m)
+        true = np.nan_to_num(m, nan=0.0) > 0.5
+        tp += int((pred & true & lab).sum())
+        fp += int((pred & ~true & lab).sum())
+        fn += int((~pred & true & lab).sum())
+    return 2 * tp / max(1, 2 * tp + fp + fn)
 
 
 def cells_from_probability(prob: np.ndarray, threshold: float = 0.5, min_size: int = 30,

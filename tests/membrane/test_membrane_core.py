@@ -274,6 +274,44 @@ def test_learns_membranes_on_synthetic_sample():
     assert f1 > 0.6, f1
 
 
+def test_scale_is_chosen_by_how_well_it_reproduces_the_references():
+    """The scale the target is read at is the candidate (measured from the labels' width, 1,
+    their geometric mean) that best reproduces the references' own labels; a target labelled
+    the same way scores at least as well at that scale as at the others."""
+    from skimage.morphology import skeletonize
+
+    torch.set_num_threads(1)
+    ims, lbs = zip(*[sample(s) for s in (0, 1)])
+    tm = M.train_membrane(list(ims), list(lbs), **dict(TINY, epochs=4, steps_per_epoch=10, batch_size=4))
+    ref_img, ref_lab = sample(8)
+    thin = np.where(skeletonize(ref_lab == 1), 1, 2).astype(np.uint8)  # 1-px lines over 3-px membranes
+    img, lab = sample(9)
+    lab_thin = skeletonize(lab == 1)
+
+    def f1(pr):
+        p = pr.probability(img) >= 0.5
+        return 2 * (p & lab_thin).sum() / max(1, p.sum() + lab_thin.sum())
+
+    measured = M.MembranePredictor(tm, device=DEVICE)
+    measured.set_references([ref_img], [thin], choose_scale=False)
+    assert measured.scale > 1.5 and measured.scale_scores == {}
+    chosen = M.MembranePredictor(tm, device=DEVICE)
+    chosen.set_references([ref_img], [thin])
+    scores = chosen.scale_scores
+    assert len(scores) == 3 and 1.0 in scores and all(0 <= v <= 1 for v in scores.values())
+    assert round(chosen.scale, 4) == max(scores, key=scores.get)
+    others = []
+    for s in scores:
+        pr = M.MembranePredictor(tm, device=DEVICE, scale=s)
+        pr.set_references([ref_img], [thin])
+        others.append(f1(pr))
+    assert f1(chosen) >= max(others) - 0.02, (scores, f1(chosen), others)
+    # an explicit scale is never second-guessed
+    fixed = M.MembranePredictor(tm, device=DEVICE, scale=2.0)
+    fixed.set_references([ref_img], [thin])
+    assert fixed.scale == 2.0 and fixed.scale_scores == {}
+
+
 def _zoomed_inverted(seed, factor=2.0):
     """A sample at `factor`x the pixel scale with bright membranes, labelled as a 0/255 mask."""
     from scipy import ndimage as ndi
@@ -312,8 +350,9 @@ def test_several_sets_scale_polarity_and_finetune():
     # references from the zoomed, bright-walled kind set the target's scale and polarity
     c_img, c_mask = _zoomed_inverted(2, 2.0)
     pr = M.MembranePredictor(tm, device=DEVICE)
-    pr.set_references([c_img], [c_mask], membrane_value=255)
+    pr.set_references([c_img], [c_mask], membrane_value=255, choose_scale=False)
     assert pr.invert and abs(pr.scale - W / pr.ref_width) < 1e-6 and pr.scale < 1
+    assert pr.scale_scores == {}
     p = pr.probability(b_img)
     assert p.shape == b_img.shape and np.isfinite(p).all() and 0 <= p.min() and p.max() <= 1
     # an explicit scale wins over the references'

@@ -420,9 +420,10 @@ def training_sets(images=None, labels=None, membrane_value: int = 1, sets=None):
     return out
 
 
-def _prepare_stacks(sets, width: Optional[float] = None):
+def _prepare_stacks(sets, width: Optional[float] = None, scale: Optional[float] = None):
     """Per set: validated pairs, membrane width and polarity; every set rescaled to the common
-    width (default: the median of the sets' widths) and inverted to dark membranes."""
+    width (default: the median of the sets' widths; ``scale``: by that factor instead) and
+    inverted to dark membranes."""
     stacks = []
     for i, (ims, lbs, mv) in enumerate(sets):
         what = "training" if len(sets) == 1 else f"training set {i}"
@@ -431,7 +432,7 @@ def _prepare_stacks(sets, width: Optional[float] = None):
                            polarity=membrane_polarity(pairs)))
     W = float(width) if width else float(np.median([s["width"] for s in stacks]))
     for s in stacks:
-        s["scale"] = W / s["width"]
+        s["scale"] = float(scale) if scale else W / s["width"]
         s["invert"] = s["polarity"] > 0
         s["pairs"] = [rescale_pair(1 - im if s["invert"] else im, m, s["scale"]) for im, m in s["pairs"]]
     return stacks, W
@@ -668,6 +669,7 @@ def iter_train_membrane(
     init: Optional["TrainedMembrane"] = None,
     time_limit: Optional[float] = None,
     clock=time.perf_counter,
+    input_scale: Optional[float] = None,
 ):
     """Episodic training job. Yields Progress (loss, epoch); returns a :class:`TrainedMembrane`.
 
@@ -684,7 +686,8 @@ def iter_train_membrane(
     returns the best model so far (lowest epoch loss), with its reference bank.
     ``time_limit`` (s) stops early (still returning a full model); the learning rate
     then follows a cosine over the time budget. ``clock`` measures it (wall time; a
-    benchmark on a shared machine may pass ``time.process_time``).
+    benchmark on a shared machine may pass ``time.process_time``). ``input_scale`` zooms
+    every set by that factor instead of by training width / its measured width.
     """
     dev = resolve_device(device)
     seed_everything(seed)
@@ -696,7 +699,7 @@ def iter_train_membrane(
     all_sets = training_sets(images, labels, membrane_value, sets)
     if width is None and init is not None:
         width = init.metadata.get("train_width")
-    stacks, W = _prepare_stacks(all_sets, width)
+    stacks, W = _prepare_stacks(all_sets, width, scale=input_scale)
     crop = int(crop)
     if init is not None:
         model = copy.deepcopy(init.model)
@@ -860,21 +863,30 @@ def train_membrane(images=None, labels=None, callback=None, **kw) -> TrainedMemb
 def iter_finetune_membrane(model, images, labels, *, membrane_value: Optional[int] = None,
                            seconds: float = 60.0, lr: float = 1e-3, batch_size: int = 4,
                            crop: Optional[int] = None, seed: int = 0, device="auto",
-                           clock=time.perf_counter):
+                           clock=time.perf_counter, choose_scale: bool = True):
     """Job: fine-tune a trained model on a few annotated slices for a fixed time.
 
     ``model``: a :class:`TrainedMembrane` or a model path (not modified). The slices are
     brought to the model's training scale and polarity (measured from their labels), and
     the returned model remembers them, so it reads new images of the same stack the same way.
+    ``choose_scale``: the scale is chosen as for references
+    (:meth:`MembranePredictor.set_references`: the candidate at which the model best
+    reproduces the slices' labels) before fine-tuning starts.
     """
     tm = model if isinstance(model, TrainedMembrane) else load_model(model)
     if seconds is None or not seconds > 0:
         raise InputError(f"fine-tuning time must be positive seconds; got {seconds}")
     mv = tm.metadata.get("membrane_value", 1) if membrane_value is None else int(membrane_value)
     crop = int(crop or tm.metadata.get("train", {}).get("crop", 128))
+    scale = None
+    if choose_scale and tm.metadata.get("train_width"):
+        yield Progress(0, 1, "choosing the scale on the annotated slices")
+        pr = MembranePredictor(tm, device=device).set_references(images, labels, membrane_value=mv)
+        scale = pr.scale if pr.scale_scores else None
     res = yield from iter_train_membrane(images, labels, membrane_value=mv, init=tm, epochs=1000,
                                          steps_per_epoch=20, batch_size=batch_size, crop=crop, lr=lr,
-                                         seed=seed, device=device, time_limit=float(seconds), clock=clock)
+                                         seed=seed, device=device, time_limit=float(seconds), clock=clock,
+                                         input_scale=scale)
     res.metadata["train"]["fine_tune_seconds"] = float(seconds)
     return res
 

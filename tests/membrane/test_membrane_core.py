@@ -368,9 +368,15 @@ def test_several_sets_scale_polarity_and_finetune():
     # fine-tuning on a couple of slices of the bright-walled kind: a new model that reads that kind
     before = {k: v.clone() for k, v in tm.model.state_dict().items()}
     ft = M.finetune_membrane(tm, [c_img], [c_mask], membrane_value=255, seconds=1.0, device=DEVICE,
-                             crop=64, batch_size=2)
+                             crop=64, batch_size=2, choose_scale=False)
     assert ft.metadata["train"]["fine_tuned"] and ft.metadata["train"]["steps_done"] >= 1
     assert ft.metadata["input_invert"] is True and ft.metadata["input_scale"] < 1
+    # by default the fine-tune reads the slices at the scale chosen as for references
+    chooser = M.MembranePredictor(tm, device=DEVICE).set_references([c_img], [c_mask], membrane_value=255)
+    assert len(chooser.scale_scores) == 3
+    ft_c = M.finetune_membrane(tm, [c_img], [c_mask], membrane_value=255, seconds=0.5, device=DEVICE,
+                               crop=64, batch_size=2)
+    assert abs(ft_c.metadata["input_scale"] - chooser.scale) < 1e-6
     assert ft.metadata["train_width"] == W
     for k, v in tm.model.state_dict().items():  # the starting model is not modified
         torch.testing.assert_close(v, before[k])

@@ -99,7 +99,8 @@ class Propagator:
         self.disagreement = np.full(T, np.nan)
         self._old: Optional[dict] = None  # a resume: the previous labels of the frames it may recompute
         self._old_conf: dict[int, np.ndarray] = {}  # ... and their previous confidence
-        #: what each confirmation changed (bool mask, full res; None = a new frame, all of it)
+        #: what each confirmation changed: the class each changed pixel became, -1 elsewhere (full res;
+        #: None = a frame that had no result, all of it new)
         self._diff: dict[int, Optional[np.ndarray]] = {}
         self._fresh: set[int] = set()  # anchors confirmed since the last run (their walks are due)
         #: how much confirming changed a frame (1 − agreement with its previous result; 1.0 = new)

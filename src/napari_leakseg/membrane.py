@@ -1008,13 +1008,16 @@ class MembranePredictor:
             if self.invert_override is None:
                 self.invert = membrane_polarity(pairs) > 0
             if self.scale_override is None and choose_scale and abs(np.log(self.scale)) > np.log(1.1):
-                est = self.scale
-                for s in (est, float(np.sqrt(est)), 1.0):
+                candidates = (self.scale, float(np.sqrt(self.scale)), 1.0)
+                banks, scores = [], []
+                for s in candidates:
                     self.scale = s
-                    self._encode(pairs, crop)
-                    self.scale_scores[round(s, 4)] = reference_f1(self, pairs)
-                best = max(self.scale_scores, key=lambda s: (self.scale_scores[s], s == round(est, 4)))
-                self.scale = est if best == round(est, 4) else float(best)
+                    banks.append(self._encode(pairs, crop).bank)
+                    scores.append(reference_f1(self, pairs))
+                best = int(np.argmax(scores))  # the first of equals: a tie keeps the measured scale
+                self.scale, self.bank = candidates[best], banks[best]
+                self.scale_scores = {round(s, 4): f for s, f in zip(candidates, scores)}
+                return self
         return self._encode(pairs, crop)
 
     def _encode(self, pairs, crop: int):

@@ -175,11 +175,13 @@ class Propagator:
         self.n_classes = max(self.n_classes, K)
         f = self.params.downsample
         # how much this changes the frame (a re-confirmed frame whose walks are still due keeps its change)
-        old = np.asarray(self.labels[t])
-        ch = corrections.change(lab, old) if self.status[t] != "pending" else 1.0
+        # and what it changed, to which class (-1: unchanged; None: a new frame, all of it)
+        ch, diff = 1.0, None
+        if self.status[t] != "pending":
+            old = np.asarray(self.labels[t])
+            ch = corrections.change(lab, old)
+            diff = np.where(lab != old, lab, -1).astype(np.int16)
         self.change[t] = max(ch, self.change.get(t, 0.0)) if t in self._fresh else ch
-        # what the confirmation changed, and to which class (-1: unchanged); None: a new frame
-        diff = np.where(lab != old, lab, -1).astype(np.int16) if self.status[t] != "pending" else None
         if t in self._fresh and t in self._diff:  # confirmed again before its walks ran: both changes count
             prev = self._diff[t]
             diff = None if prev is None or diff is None else np.where(diff >= 0, diff, prev)

@@ -98,6 +98,9 @@ class SegmentConfig:
     sigmas: tuple = (1.0, 2.0, 4.0, 8.0, 16.0)  # filter-bank scales (input="filters")
     hidden: int = 32                 # hidden width of the per-pixel network (input="filters")
     features: str = "full"           # filter-bank feature set (core.filters.FEATURE_SETS): "full" or "basic"
+    guide_r: int = 0                 # filters: edge-preserving smoothing of the class probabilities (guided
+    guide_pcs: int = 5               # filter, window radius in px; 0 = off), guided by this many principal
+    guide_eps: float = 0.1           # components of the filter bank, with this ridge (larger = smoother)
     balance: bool = False            # class-balanced scribble loss (weights 1 / pixels per class)
     adapt_con: float = 0.0           # > 0: multiply mu_con by this whenever a class's scribbles are not learned
     con_crop: int = 64               # filters + scribbles: continuity on 2 full-resolution crops of this size
@@ -113,7 +116,7 @@ CONFIGS = {
     # losses on a downsampled grid and the scribble loss on every scribbled pixel at full resolution
     "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.1, mu_con=0.0, mu_scr=1.0,
                              train_pixels=20_000, max_iter=80, min_iter=40, scribble_acc=0.95,
-                             min_size=None),
+                             min_size=None, guide_r=8),
     "fast": SegmentConfig(merge=12.0),  # merge: chosen on BSDS (benchmarks/bench_scribble.py, issue 14)
     "paper": SegmentConfig(
         q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1, mu_con=1.0, mu_scr=0.5,
@@ -170,10 +173,15 @@ class FilterNet(nn.Module):
 
     ``forward(x)`` takes normalised image channels; ``head(f)`` takes standardised features (training
     computes the filter bank once and calls ``head``). Context comes from the filters (up to sigma 16).
+
+    With ``guide_r`` > 0 the prediction (``respond``, ``forward``) is the class probabilities after
+    an edge-preserving guided filter whose guide is the top ``guide_pcs`` principal components of
+    the filter bank (the ``guide`` buffer, fitted on the training image): the spatial coherence that
+    a per-pixel classifier lacks, without crossing the edges the features see.
     """
 
     def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=(1.0, 2.0, 4.0, 8.0, 16.0),
-                 features: str = "full"):
+                 features: str = "full", guide_r: int = 0, guide_pcs: int = 0, guide_eps: float = 0.1):
         super().__init__()
         from .core.filters import n_features
 
@@ -184,34 +192,60 @@ class FilterNet(nn.Module):
         self.register_buffer("std", torch.ones(1, nf, 1, 1))
         self.head = nn.Sequential(nn.Conv2d(nf, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
                                   nn.Conv2d(hidden, q, 1))
+        self.guide_r, self.guide_eps = int(guide_r), float(guide_eps)
+        if self.guide_r > 0 and guide_pcs > 0:
+            self.register_buffer("guide", torch.zeros(int(guide_pcs), nf))
+        else:
+            self.guide_r = 0
 
     def features(self, x):
         from .core.filters import multiscale_features
 
         return (multiscale_features(x, self.sigmas, features=self.feature_set) - self.mean) / self.std
 
+    def fit_guide(self, f: torch.Tensor) -> None:
+        """Fit the guide's projection to standardised features (N, F, Y, X) of the training image."""
+        from .core.filters import principal_axes
+
+        if self.guide_r > 0:
+            self.guide.copy_(principal_axes(f, self.guide.shape[0]))
+
+    def respond(self, f: torch.Tensor) -> torch.Tensor:
+        """Prediction from standardised features: logits, or guided-filtered probabilities (guide_r > 0)."""
+        out = self.head(f)
+        if self.guide_r <= 0:
+            return out
+        from .core.filters import guided_filter
+
+        g = torch.einsum("pf,nfyx->npyx", self.guide, f)
+        return guided_filter(g, torch.softmax(out, 1), self.guide_r, self.guide_eps)
+
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.respond(self.features(x))
 
 
 def _arch(in_channels, cfg: SegmentConfig) -> dict:
     if cfg.input == "filters":
-        return {"kind": "filters", "in_channels": int(in_channels), "q": int(cfg.q), "hidden": int(cfg.hidden),
+        arch = {"kind": "filters", "in_channels": int(in_channels), "q": int(cfg.q), "hidden": int(cfg.hidden),
                 "sigmas": [float(v) for v in cfg.sigmas], "features": cfg.features}
+        if cfg.guide_r > 0 and cfg.guide_pcs > 0:
+            arch.update(guide_r=int(cfg.guide_r), guide_pcs=int(cfg.guide_pcs), guide_eps=float(cfg.guide_eps))
+        return arch
     return {"in_channels": int(in_channels), "q": int(cfg.q), "n_conv": int(cfg.n_conv),
             "padding_mode": cfg.padding_mode}
 
 
 def build_model(arch: dict) -> nn.Module:
     if arch.get("kind", "conv") == "filters":
-        return FilterNet(arch["in_channels"], arch["q"], arch["hidden"], arch["sigmas"], arch.get("features", "full"))
+        return FilterNet(arch["in_channels"], arch["q"], arch["hidden"], arch["sigmas"], arch.get("features", "full"),
+                         arch.get("guide_r", 0), arch.get("guide_pcs", 0), arch.get("guide_eps", 0.1))
     return FeatureNet(arch["in_channels"], arch["q"], arch["n_conv"], arch.get("padding_mode", "replicate"))
 
 
 def _halo(arch: dict) -> int:
     """Context a tile needs on each side for the same prediction as on the whole image."""
     if arch.get("kind", "conv") == "filters":
-        return int(math.ceil(3 * max(arch["sigmas"]))) + 16
+        return int(math.ceil(3 * max(arch["sigmas"]))) + 16 + 2 * int(arch.get("guide_r", 0))
     return 2 * (arch["n_conv"] + 1)
 
 
@@ -243,7 +277,8 @@ MODEL_SPEC = ModelSpec(
           "in_channels": Param("int", 1, 64), "q": Param("int", 2, 4096), "n_conv": Param("int", 1, 64),
           "padding_mode": Param("str", choices=("zeros", "reflect", "replicate", "circular")),
           "hidden": Param("int", 1, 4096), "sigmas": Param("floats", 0.1, 64),
-          "features": Param("str", choices=("full", "basic"))},
+          "features": Param("str", choices=("full", "basic")), "guide_r": Param("int", 0, 256),
+          "guide_pcs": Param("int", 0, 64), "guide_eps": Param("float", 1e-6, 1e6)},
     required=("in_channels", "q"), defaults={"padding_mode": "replicate"},
     build=build_model, check=_check_saved,
     activation=lambda a: (6 * a["q"] + (a.get("hidden", 0) or 0) * 2
@@ -464,6 +499,7 @@ def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -
             _, (mean, std) = standardize(raw[:, :, ::step, ::step])
             model.mean.copy_(mean)
             model.std.copy_(std)
+            model.fit_guide((raw[:, :, ::step, ::step] - mean) / std)
         norm = (model.mean, model.std)
         # crops only feed the continuity term: none are cut (or pushed through the network) when it is off
         data = _TrainData(xt, ((down(raw) - norm[0]) / norm[1]).contiguous(), (h, w), scale, raw_full=raw,
@@ -563,6 +599,8 @@ def iter_segment(
         if arch.get("kind", "conv") == "filters":
             cfg.input, cfg.q, cfg.hidden, cfg.sigmas = "filters", arch["q"], arch["hidden"], tuple(arch["sigmas"])
             cfg.features = arch.get("features", "full")
+            cfg.guide_r, cfg.guide_pcs = arch.get("guide_r", 0), arch.get("guide_pcs", 0)
+            cfg.guide_eps = arch.get("guide_eps", 0.1)
         else:
             cfg.input, cfg.q, cfg.n_conv = "raw", arch["q"], arch["n_conv"]
             cfg.padding_mode = arch.get("padding_mode", cfg.padding_mode)
@@ -788,7 +826,7 @@ def _predict_full(model, data: _TrainData, dev, cfg: SegmentConfig, K, class_ids
     if cfg.input == "filters":
         _recalibrate_bn(model.head, data.grid)
         with torch.no_grad():
-            resp = [model.head(data.f_full[i:i + 1])[0].cpu() for i in range(N)]
+            resp = [model.respond(data.f_full[i:i + 1])[0].cpu() for i in range(N)]
         model.train()
     elif paper:
         # the reference: the last training forward pass in train mode (batch statistics)

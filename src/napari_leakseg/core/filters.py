@@ -142,3 +142,61 @@ def standardize(f: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None
     else:
         mean, std = (s.to(f.device, f.dtype) for s in stats)
     return (f - mean) / std, (mean, std)
+
+
+def box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean of (N, C, Y, X) over (2r+1)² windows, replicate padding; O(1) per pixel (running sums in float64)."""
+    if r <= 0:
+        return x
+    k = 2 * r + 1
+    c = F.pad(x.double(), (r + 1, r, r + 1, r), mode="replicate").cumsum(-2)
+    c = (c[..., k:, :] - c[..., :-k, :]).cumsum(-1)
+    return ((c[..., k:] - c[..., :-k]) / (k * k)).to(x.dtype)
+
+
+def guided_filter(guide: torch.Tensor, p: torch.Tensor, r: int, eps: float, band: int = 512) -> torch.Tensor:
+    """Edge-preserving smoothing of ``p`` (N, K, Y, X) by a multi-channel ``guide`` (N, C, Y, X).
+
+    He, Sun and Tang, "Guided image filtering" (TPAMI 2013): in each (2r+1)² window ``p`` is
+    modelled as a linear function of the guide's channels (ridge ``eps``), and the window models
+    are averaged. Where the guide has an edge the output keeps it; elsewhere ``p`` is smoothed.
+    Each output pixel depends on inputs within 2r; big images run in bands of ``band`` rows.
+    """
+    N, C, Y, X = guide.shape
+    if r <= 0:
+        return p
+    if Y > band + 4 * r and Y * X > 1024 * 1024:  # bounded memory: bands with a 2r halo
+        out, h = [], 2 * r
+        for y0 in range(0, Y, band):
+            a, b = max(0, y0 - h), min(Y, y0 + band + h)
+            out.append(guided_filter(guide[:, :, a:b], p[:, :, a:b], r, eps, band)[:, :, y0 - a:y0 - a + min(band, Y - y0)])
+        return torch.cat(out, 2)
+    K = p.shape[1]
+    mI = box_mean(guide, r)
+    iu = torch.triu_indices(C, C)
+    prod = guide[:, iu[0]] * guide[:, iu[1]]
+    cov_u = box_mean(prod, r) - mI[:, iu[0]] * mI[:, iu[1]]
+    S = torch.empty(N, Y, X, C, C, dtype=guide.dtype, device=guide.device)
+    S[..., iu[0], iu[1]] = cov_u.permute(0, 2, 3, 1)
+    S[..., iu[1], iu[0]] = cov_u.permute(0, 2, 3, 1)
+    S = S + eps * torch.eye(C, dtype=guide.dtype, device=guide.device)
+    Sinv = torch.linalg.inv(S)                                          # (N, Y, X, C, C)
+    mp = box_mean(p, r)
+    Ip = box_mean((guide[:, None] * p[:, :, None]).reshape(N, K * C, Y, X), r).reshape(N, K, C, Y, X)
+    cov_p = Ip - mp[:, :, None] * mI[:, None]
+    a = torch.einsum("nyxcd,nkdyx->nkcyx", Sinv, cov_p)
+    b = mp - torch.einsum("nkcyx,ncyx->nkyx", a, mI)
+    ma = box_mean(a.reshape(N, K * C, Y, X), r).reshape(N, K, C, Y, X)
+    return torch.einsum("nkcyx,ncyx->nkyx", ma, guide) + box_mean(b, r)
+
+
+def principal_axes(f: torch.Tensor, n: int, max_samples: int = 20_000) -> torch.Tensor:
+    """(n, F) projection onto the top ``n`` principal components of standardised features
+    (N, F, Y, X), each scaled to unit variance; estimated on a strided sample."""
+    N, F_, Y, X = f.shape
+    v = f.permute(1, 0, 2, 3).reshape(F_, -1)
+    v = v[:, ::max(1, v.shape[1] // max_samples)].double()
+    v = v - v.mean(1, keepdim=True)
+    evals, evecs = torch.linalg.eigh(v @ v.T / max(1, v.shape[1] - 1))
+    order = torch.argsort(evals, descending=True)[:n]
+    return (evecs[:, order] / evals[order].clamp_min(1e-12).sqrt()).T.to(f.dtype)

@@ -89,6 +89,25 @@ def run_without_filters(domains, draws):
     return out
 
 
+def run_without_guide(domains, draws):
+    """'Without the new idea' of 2026-12-05: the filter network without the guided filter (guide_r=0)."""
+    out = []
+    for d in domains:
+        if not available(d):
+            continue
+        scores, secs = [], []
+        for dom, name, img, cls, targets in cases(d):
+            for k in range(draws):
+                scr = draw_strokes(cls.shape, targets, seed=k)
+                lp, lt, _ = leakseg(img, scr, guide_r=0)
+                scores.append(mean_iou(lp, cls))
+                secs.append(lt)
+        out.append({"domain": d, "method": "leakseg_no_edge_smoothing", "miou": float(np.mean(scores)),
+                    "seconds_median": float(np.median(secs))})
+        print(f"{d:18s} without edge smoothing {out[-1]['miou']:.3f} ({out[-1]['seconds_median']:.2f} s)", flush=True)
+    return out
+
+
 def summarise(rows):
     out = []
     for d in dict.fromkeys(r["domain"] for r in rows):
@@ -204,12 +223,18 @@ def write_doc(res):
                      f"{Fr['seconds_median']:.2f} | {L['seconds_median'] / max(Fr['seconds_median'], 1e-9):.1f}× | "
                      f"{'met' if delta >= 0.03 else '**missed**'} |")
     if res.get("without_filters"):
-        lines += ["", "Without the new idea (same strokes): the raw-image CNN (`config='fast'`, the default before "
-                  "issue 14):", "", "| domain | raw CNN mIoU | filters (default) mIoU | raw CNN s (median) |", "|---|---|---|---|"]
+        ng = {r["domain"]: r for r in res.get("without_guide", [])}
+        lines += ["", "Without the new ideas (same strokes): the raw-image CNN (`config='fast'`, the default before "
+                  "issue 14), and the filter network without edge smoothing (`guide_r=0`, the default before "
+                  "2026-12-05):", "",
+                  "| domain | raw CNN mIoU | filters, no edge smoothing mIoU | filters (default) mIoU | raw CNN s (median) "
+                  "| no edge smoothing s (median) |", "|---|---|---|---|---|---|"]
         for r in res["without_filters"]:
             L = next((x for x in s if x["domain"] == r["domain"] and x["method"] == "leakseg"), None)
-            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {L['miou'] if L else float('nan'):.3f} | "
-                         f"{r['seconds_median']:.2f} |")
+            g = ng.get(r["domain"])
+            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou'] if g else float('nan'):.3f} | "
+                         f"{L['miou'] if L else float('nan'):.3f} | {r['seconds_median']:.2f} | "
+                         f"{g['seconds_median'] if g else float('nan'):.2f} |")
     if res.get("speed"):
         lines += ["", "Speed (medians of " + str(next(iter(res["speed"].values()))["repeats"]) + " runs, in process):", "",
                   "| image | first preview (s) | final result (s) | one more stroke, warm start (s) |", "|---|---|---|---|"]
@@ -232,7 +257,7 @@ def main(argv=None):
     ap.add_argument("--draw-offset", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="images per domain (default all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (tuning)")
-    ap.add_argument("--parts", default="domains,raw,speed,stack")
+    ap.add_argument("--parts", default="domains,raw,noguide,speed,stack")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     overrides = {}
@@ -252,6 +277,8 @@ def main(argv=None):
         res["summary"] = summarise(res["rows"])
     if "raw" in parts:
         res["without_filters"] = run_without_filters(a.domains.split(","), a.draws)
+    if "noguide" in parts:
+        res["without_guide"] = run_without_guide(a.domains.split(","), a.draws)
     if "speed" in parts:
         res["speed"] = run_speed()
     if "stack" in parts and available("fibsem_medulla"):
@@ -262,7 +289,7 @@ def main(argv=None):
         for k in ("machine", "load"):
             res.pop(k, None)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("rows", "summary", "speed", "stack", "without_filters", "minutes", "load", "machine"):  # parts not run now keep their last results
+    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "minutes", "load", "machine"):  # parts not run now keep their last results
         if k not in res and k in old:
             res[k] = old[k]
     if write and "summary" in res:

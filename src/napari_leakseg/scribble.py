@@ -218,7 +218,13 @@ class FilterNet(nn.Module):
         from .core.filters import guided_filter
 
         g = torch.einsum("pf,nfyx->npyx", self.guide, f)
-        return guided_filter(g, torch.softmax(out, 1), self.guide_r, self.guide_eps)
+        prob = torch.softmax(out, 1)
+        # only the channels that win somewhere are filtered (the others stay out of the argmax):
+        # without scribble classes only, most of the q channels are unused
+        win = torch.unique(prob.argmax(1))
+        res = torch.zeros_like(prob)
+        res[:, win] = guided_filter(g, prob[:, win], self.guide_r, self.guide_eps)
+        return res
 
     def forward(self, x):
         return self.respond(self.features(x))
@@ -569,6 +575,11 @@ def iter_segment(
         raise LeaksegError(f"max_iter must be at least 1, got {cfg.max_iter}")
     if not cfg.merge >= 0:
         raise LeaksegError(f"merge must be 0 (off) or a positive colour distance, got {cfg.merge}")
+    if not (isinstance(cfg.guide_r, (int, np.integer)) and cfg.guide_r >= 0):
+        raise LeaksegError(f"edge smoothing (guide_r) must be 0 (off) or a radius in pixels, got {cfg.guide_r}")
+    if not cfg.guide_eps > 0 or int(cfg.guide_pcs) < 1:
+        raise LeaksegError(f"guide_eps must be positive and guide_pcs at least 1, got {cfg.guide_eps}, "
+                           f"{cfg.guide_pcs}")
 
     x_np, info = prepare_image(image, rgb=rgb, stack=stack)
     N, C, Y, X = x_np.shape

@@ -76,3 +76,32 @@ def test_cli_merge_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "merge must be" in err and err.count("\n") == 1
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_cli_edge_smoothing_option(tmp_path, capsys):
+    """--edge-smoothing 0 gives the Python API's result without the guided filter (and a model without
+    it); a negative radius is a one-line error that writes nothing."""
+    from napari_leakseg.core import store
+    from napari_leakseg.scribble import segment
+
+    img = _image()
+    scr = np.zeros(img.shape[:2], np.uint8)
+    scr[20, 4:20] = 1
+    scr[20, 28:44] = 2
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "scr.npy", scr)
+    out = tmp_path / "seg.npy"
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
+               "--edge-smoothing", "0", "--max-iter", "20", "-q", "--device", "cpu", "--out", str(out),
+               "--save-model", str(tmp_path / "m.pt")])
+    assert rc == 0
+    want = segment(img, scr, classes_only=True, max_iter=20, device="cpu", guide_r=0).labels
+    np.testing.assert_array_equal(np.load(out), want)
+    sd, meta = store.load(tmp_path / "m.pt", capability="scribble")
+    assert "guide" not in sd and "guide_r" not in meta["arch"]
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"),
+               "--edge-smoothing", "-1", "--out", str(tmp_path / "x.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "edge smoothing" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.npy").exists()

@@ -79,6 +79,15 @@ def test_widget_preview_stop_refine(make_napari_viewer, qtbot, monkeypatch):
     assert w.last_warm
     assert w.last_result.n_iter <= base.n_iter
     assert w.last_result.state["metadata"]["arch"] == base.state["metadata"]["arch"]
+    assert base.state["metadata"]["arch"]["guide_r"] == 8 == w.edge_smoothing.value
+
+    # 4) edge smoothing off: a new model (no refine across settings), without the guided filter
+    w.edge_smoothing.value = 0
+    assert w.run()
+    _wait(qtbot, w)
+    assert not w.last_warm
+    assert "guide_r" not in w.last_result.state["metadata"]["arch"]
+    assert (viewer.layers[OUT].data[:, :28] == 1).mean() > 0.8
 
 
 def test_widget_stack_whole_and_bad_scribbles(make_napari_viewer, qtbot):

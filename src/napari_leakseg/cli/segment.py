@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--merge", type=float, default=None, metavar="DE",
                    help="without scribbles: merge adjacent regions whose mean colour differs by less than DE "
                         "(CIELAB ΔE; 100 × intensity for grey; default 12 with the fast config, 0 = off)")
+    p.add_argument("--edge-smoothing", type=int, default=None, metavar="PX",
+                   help="with scribbles (filters config): smooth the class map within PX pixels along the "
+                        "image's own edges (guided filter; default 8, 0 = off)")
     p.add_argument("--stack", action="store_true",
                    help="treat a 3D input as a Z/T stack of 2D images (one shared model); default guesses")
     p.add_argument("--save-model", metavar="M", help="also save the trained model (.pt) for `leakseg apply` "
@@ -82,7 +85,8 @@ def run(args) -> int:
     gen = iter_segment(image, scr, n_segments=args.segments, max_iter=args.max_iter,
                        time_budget=args.time_budget, seed=args.seed, device=args.device,
                        warm_start=warm, classes_only=args.classes_only, config=args.config,
-                       stack=True if args.stack else None, merge=args.merge)
+                       stack=True if args.stack else None, merge=args.merge,
+                       guide_r=args.edge_smoothing)
     res = common.run_with_progress(gen, quiet=args.quiet)
     labels = res.labels
     if scr is not None and args.unlabeled_value == 255:

@@ -58,6 +58,10 @@ class ScribbleWidget(JobWidget):
                                        label="stack", tooltip="whole stack: one shared model, ids kept across slices"))
         self.config = self.add(ComboBox(choices=["auto", "filters", "fast", "paper"], value="auto", label="configuration",
                                         tooltip="fast (interactive) or the paper's reference setting (slow)"))
+        self.edge_smoothing = self.add(SpinBox(
+            value=8, min=0, max=64, label="edge smoothing (px)",
+            tooltip="with scribbles: smooth the class map within this many pixels along the image's own edges "
+                    "(guided filter); 0 = off. Changing it starts a new model"))
         self.refine = self.add(CheckBox(value=True, text="refine: continue from the current model"))
         self.run_button = self.add_button("Run", self.run, "train on the image (and strokes) and segment it")
         self.reset_button = self.add_button("Reset model", self.reset_model, runs_job=False)
@@ -133,12 +137,12 @@ class ScribbleWidget(JobWidget):
         except LeaksegError as e:
             notify_error(f"{self.title}: {e}")
             return False
-        key = (layer.name, self.scope.value, self.config.value)
+        key = (layer.name, self.scope.value, self.config.value, int(self.edge_smoothing.value))
         warm = self.state if (self.refine.value and self.state is not None and self._state_key == key) else None
         n_seg = int(self.n_segments.value) or None
         kw = dict(n_segments=n_seg, seed=int(self.seed.value), device=self.device, warm_start=warm,
                   classes_only=bool(self.classes_only.value), config=self.config.value,
-                  rgb=bool(img.rgb), stack=stack)
+                  rgb=bool(img.rgb), stack=stack, guide_r=int(self.edge_smoothing.value))
         if not self.stop_early.value:
             kw.update(stop_change=0.0, min_labels_stop=False)
         if self.stop_by.value == "time budget":

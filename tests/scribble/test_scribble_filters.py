@@ -175,7 +175,7 @@ def test_guided_filter_matches_the_window_model_and_keeps_edges():
     """``core.filters.guided_filter`` against a direct numpy implementation of He et al.'s
     multi-channel guided filter (scipy box means), in bands as on the whole image, and on a step
     edge: smooths noise on each side, keeps the edge where the guide has it."""
-    from napari_leakseg.core.filters import box_mean, guided_filter
+    from napari_leakseg.core.filters import _box_mean_pooled, box_mean, guided_filter
 
     rng = np.random.default_rng(0)
     G = rng.normal(size=(3, 70, 90))
@@ -196,6 +196,9 @@ def test_guided_filter_matches_the_window_model_and_keeps_edges():
     got = guided_filter(torch.from_numpy(G)[None], torch.from_numpy(p)[None], r, eps)[0].numpy()
     assert np.abs(got - np.stack(want)).max() < 1e-9
     assert np.abs(box_mean(torch.from_numpy(p)[None], r)[0, 0].numpy() - _box_reference(p[0], r)).max() < 1e-9
+    # the pooling path (used on MPS, which lacks float64) gives the same means
+    x32 = torch.from_numpy(p[None].astype(np.float32))
+    assert torch.allclose(_box_mean_pooled(x32, r), box_mean(x32, r), atol=1e-6)
     # bands (forced by a small band height) give the whole image's result
     Gb = torch.from_numpy(rng.normal(size=(1, 2, 1100, 1000)).astype(np.float32))
     pb = torch.from_numpy(rng.random((1, 2, 1100, 1000)).astype(np.float32))

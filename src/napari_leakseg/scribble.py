@@ -610,6 +610,11 @@ def iter_segment(
         if arch.get("kind", "conv") == "filters":
             cfg.input, cfg.q, cfg.hidden, cfg.sigmas = "filters", arch["q"], arch["hidden"], tuple(arch["sigmas"])
             cfg.features = arch.get("features", "full")
+            want = overrides.get("guide_r")
+            if want is not None and int(want) != int(arch.get("guide_r", 0)):
+                raise LeaksegError(
+                    f"cannot warm-start with edge smoothing {want}: the saved model was trained with "
+                    f"{arch.get('guide_r', 0)} (its guide is part of the model); start a new model instead")
             cfg.guide_r, cfg.guide_pcs = arch.get("guide_r", 0), arch.get("guide_pcs", 0)
             cfg.guide_eps = arch.get("guide_eps", 0.1)
         else:

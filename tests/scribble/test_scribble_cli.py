@@ -99,6 +99,17 @@ def test_cli_edge_smoothing_option(tmp_path, capsys):
     np.testing.assert_array_equal(np.load(out), want)
     sd, meta = store.load(tmp_path / "m.pt", capability="scribble")
     assert "guide" not in sd and "guide_r" not in meta["arch"]
+    # a warm start keeps the saved model's smoothing: asking for another one is a clear error
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
+               "--warm-start", str(tmp_path / "m.pt"), "--edge-smoothing", "8", "--out", str(tmp_path / "w.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "edge smoothing 8" in err and "trained with 0" in err and err.count("\n") == 1
+    assert not (tmp_path / "w.npy").exists()
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
+               "--warm-start", str(tmp_path / "m.pt"), "--max-iter", "5", "-q", "--device", "cpu",
+               "--out", str(tmp_path / "w.npy")])
+    assert rc == 0
     rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"),
                "--edge-smoothing", "-1", "--out", str(tmp_path / "x.npy")])
     assert rc == 2

@@ -70,8 +70,8 @@ def run_domains(domains, draws, offset, limit, overrides):
     return rows
 
 
-def run_without_filters(domains, draws):
-    """'Without the new idea': the raw-image CNN (config='fast', the default before issue 14), same strokes."""
+def run_variant(domains, draws, method, label, **kw):
+    """leakseg with other settings ``kw`` on the same strokes (a "without the new idea" row per domain)."""
     out = []
     for d in domains:
         if not available(d):
@@ -80,32 +80,23 @@ def run_without_filters(domains, draws):
         for dom, name, img, cls, targets in cases(d):
             for k in range(draws):
                 scr = draw_strokes(cls.shape, targets, seed=k)
-                lp, lt, _ = leakseg(img, scr, config="fast")
+                lp, lt, _ = leakseg(img, scr, **kw)
                 scores.append(mean_iou(lp, cls))
                 secs.append(lt)
-        out.append({"domain": d, "method": "leakseg_raw_cnn", "miou": float(np.mean(scores)),
+        out.append({"domain": d, "method": method, "miou": float(np.mean(scores)),
                     "seconds_median": float(np.median(secs))})
-        print(f"{d:18s} raw CNN (config fast) {out[-1]['miou']:.3f} ({out[-1]['seconds_median']:.2f} s)", flush=True)
+        print(f"{d:18s} {label} {out[-1]['miou']:.3f} ({out[-1]['seconds_median']:.2f} s)", flush=True)
     return out
+
+
+def run_without_filters(domains, draws):
+    """'Without the new idea': the raw-image CNN (config='fast', the default before issue 14), same strokes."""
+    return run_variant(domains, draws, "leakseg_raw_cnn", "raw CNN (config fast)", config="fast")
 
 
 def run_without_guide(domains, draws):
     """'Without the new idea' of 2026-12-05: the filter network without the guided filter (guide_r=0)."""
-    out = []
-    for d in domains:
-        if not available(d):
-            continue
-        scores, secs = [], []
-        for dom, name, img, cls, targets in cases(d):
-            for k in range(draws):
-                scr = draw_strokes(cls.shape, targets, seed=k)
-                lp, lt, _ = leakseg(img, scr, guide_r=0)
-                scores.append(mean_iou(lp, cls))
-                secs.append(lt)
-        out.append({"domain": d, "method": "leakseg_no_edge_smoothing", "miou": float(np.mean(scores)),
-                    "seconds_median": float(np.median(secs))})
-        print(f"{d:18s} without edge smoothing {out[-1]['miou']:.3f} ({out[-1]['seconds_median']:.2f} s)", flush=True)
-    return out
+    return run_variant(domains, draws, "leakseg_no_edge_smoothing", "without edge smoothing", guide_r=0)
 
 
 def summarise(rows):

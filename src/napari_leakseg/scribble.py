@@ -502,10 +502,10 @@ def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -
             from .core.filters import standardize
 
             step = max(1, math.ceil(math.sqrt(N * Y * X / 40_000)))
-            _, (mean, std) = standardize(raw[:, :, ::step, ::step])
+            sample, (mean, std) = standardize(raw[:, :, ::step, ::step])
             model.mean.copy_(mean)
             model.std.copy_(std)
-            model.fit_guide((raw[:, :, ::step, ::step] - mean) / std)
+            model.fit_guide(sample)  # the standardised sample: the guide's principal axes
         norm = (model.mean, model.std)
         # crops only feed the continuity term: none are cut (or pushed through the network) when it is off
         data = _TrainData(xt, ((down(raw) - norm[0]) / norm[1]).contiguous(), (h, w), scale, raw_full=raw,

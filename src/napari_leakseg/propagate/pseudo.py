@@ -31,10 +31,11 @@ def fuse(prob: np.ndarray, prior: Optional[np.ndarray], weight: float) -> np.nda
 
 
 def pseudo_sample(t: int, img_ds: np.ndarray, prob: np.ndarray, tau: float,
-                  target: Optional[np.ndarray] = None) -> Sample:
+                  target: Optional[np.ndarray] = None, conf: Optional[np.ndarray] = None) -> Sample:
     """A training sample from a propagated frame: the argmax (or ``target``) where the
-    confidence is ≥ ``tau``, ignored (-1) elsewhere, weighted by the confidence."""
-    conf = prob.max(0)
+    confidence (``prob``'s maximum, or ``conf``) is ≥ ``tau``, ignored (-1) elsewhere,
+    weighted by the confidence."""
+    conf = prob.max(0) if conf is None else np.asarray(conf)
     tgt = np.argmax(prob, 0).astype(np.int64) if target is None else np.asarray(target).astype(np.int64)
     tgt = np.where(conf >= tau, tgt, -1)
     return Sample(int(t), img_ds, tgt, conf.astype(np.float32), False)

@@ -337,12 +337,9 @@ class Propagator:
         self.labels[t] = lab
         self.confidence[t] = np.round(conf * 255).astype(np.uint8)
         self.status[t] = "pseudo"
-        if region is None:
-            sample = pseudo_sample(t, img_ds, prob, p.tau, target)
-        else:  # the fused result trains the walk: its labels and confidence
-            conf_ds = pad_shape(down_labels(conf, p.downsample), prob.shape[1:], 0.0).astype(np.float32)
-            sample = Sample(t, img_ds, np.where(conf_ds >= p.tau, target.astype(np.int64), -1), conf_ds, False)
-        return lab, conf, sample, prob, region
+        # a fused result trains the walk with its own labels and confidence
+        conf_ds = None if region is None else pad_shape(down_labels(conf, p.downsample), prob.shape[1:], 0.0)
+        return lab, conf, pseudo_sample(t, img_ds, prob, p.tau, target, conf_ds), prob, region
 
     def _kept_frame(self, t: int):
         """A frame the walk passes without recomputing: its stored result feeds the window."""
@@ -351,7 +348,7 @@ class Propagator:
         tgt = down_labels(np.asarray(self.labels[t]), p.downsample).astype(np.int64)
         conf = down_labels(np.asarray(self.confidence[t]), p.downsample) / 255.0
         prob = one_hot(tgt, self.n_classes) if p.prior > 0 else None
-        return Sample(t, img_ds, np.where(conf >= p.tau, tgt, -1), conf.astype(np.float32), False), prob
+        return pseudo_sample(t, img_ds, prob, p.tau, tgt, conf), prob
 
     def _walk(self, chains: list[Chain], recompute: set[int], total: int, done0: int = 0):
         """Walk the chains; yields a Progress per computed frame. During a resume

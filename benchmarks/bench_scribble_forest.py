@@ -95,8 +95,16 @@ def run_without_filters(domains, draws):
 
 
 def run_without_guide(domains, draws):
-    """'Without the new idea' of 2026-12-05: the filter network without the guided filter (guide_r=0)."""
-    return run_variant(domains, draws, "leakseg_no_edge_smoothing", "without edge smoothing", guide_r=0)
+    """'Without the new idea' of 2026-12-05: the filter network without the guided filter (guide_r=0) and
+    without the later sharpening round, as it was before that day."""
+    return run_variant(domains, draws, "leakseg_no_edge_smoothing", "without edge smoothing", guide_r=0,
+                       sharpen_iter=0)
+
+
+def run_without_sharpen(domains, draws):
+    """'Without the new idea' of stop 27: the filter network without the final sharpening round
+    (sharpen_iter=0; edge smoothing on)."""
+    return run_variant(domains, draws, "leakseg_no_sharpening", "without sharpening", sharpen_iter=0)
 
 
 def summarise(rows):
@@ -215,17 +223,20 @@ def write_doc(res):
                      f"{'met' if delta >= 0.03 else '**missed**'} |")
     if res.get("without_filters"):
         ng = {r["domain"]: r for r in res.get("without_guide", [])}
+        ns = {r["domain"]: r for r in res.get("without_sharpen", [])}
+        nan = {"miou": float("nan"), "seconds_median": float("nan")}
         lines += ["", "Without the new ideas (same strokes): the raw-image CNN (`config='fast'`, the default before "
-                  "issue 14), and the filter network without edge smoothing (`guide_r=0`, the default before "
-                  "2026-12-05):", "",
-                  "| domain | raw CNN mIoU | filters, no edge smoothing mIoU | filters (default) mIoU | raw CNN s (median) "
-                  "| no edge smoothing s (median) |", "|---|---|---|---|---|---|"]
+                  "issue 14); the filter network without edge smoothing and sharpening (`guide_r=0, sharpen_iter=0`, "
+                  "the default before 2026-12-05); and without the sharpening round only (`sharpen_iter=0`, the "
+                  "default before stop 27):", "",
+                  "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | default mIoU | raw CNN s "
+                  "| no edge smoothing s | no sharpening s | default s |", "|---|---|---|---|---|---|---|---|---|"]
         for r in res["without_filters"]:
-            L = next((x for x in s if x["domain"] == r["domain"] and x["method"] == "leakseg"), None)
-            g = ng.get(r["domain"])
-            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou'] if g else float('nan'):.3f} | "
-                         f"{L['miou'] if L else float('nan'):.3f} | {r['seconds_median']:.2f} | "
-                         f"{g['seconds_median'] if g else float('nan'):.2f} |")
+            L = next((x for x in s if x["domain"] == r["domain"] and x["method"] == "leakseg"), nan)
+            g, h = ng.get(r["domain"], nan), ns.get(r["domain"], nan)
+            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou']:.3f} | {h['miou']:.3f} | {L['miou']:.3f} | "
+                         f"{r['seconds_median']:.2f} | {g['seconds_median']:.2f} | {h['seconds_median']:.2f} | "
+                         f"{L['seconds_median']:.2f} |")
     if res.get("speed"):
         lines += ["", "Speed (medians of " + str(next(iter(res["speed"].values()))["repeats"]) + " runs, in process):", "",
                   "| image | first preview (s) | final result (s) | one more stroke, warm start (s) |", "|---|---|---|---|"]
@@ -248,7 +259,7 @@ def main(argv=None):
     ap.add_argument("--draw-offset", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="images per domain (default all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (tuning)")
-    ap.add_argument("--parts", default="domains,raw,noguide,speed,stack")
+    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,speed,stack")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     overrides = {}
@@ -270,6 +281,8 @@ def main(argv=None):
         res["without_filters"] = run_without_filters(a.domains.split(","), a.draws)
     if "noguide" in parts:
         res["without_guide"] = run_without_guide(a.domains.split(","), a.draws)
+    if "nosharpen" in parts:
+        res["without_sharpen"] = run_without_sharpen(a.domains.split(","), a.draws)
     if "speed" in parts:
         res["speed"] = run_speed()
     if "stack" in parts and available("fibsem_medulla"):
@@ -280,7 +293,8 @@ def main(argv=None):
         for k in ("machine", "load"):
             res.pop(k, None)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "minutes", "load", "machine"):  # parts not run now keep their last results
+    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "without_sharpen", "minutes",
+              "load", "machine"):  # parts not run now keep their last results
         if k not in res and k in old:
             res[k] = old[k]
     if write and "summary" in res:

@@ -101,6 +101,9 @@ class SegmentConfig:
     guide_r: int = 0                 # filters: edge-preserving smoothing of the class probabilities (guided
     guide_pcs: int = 5               # filter, window radius in px; 0 = off), guided by this many principal
     guide_eps: float = 0.1           # components of the filter bank, with this ridge (larger = smoother)
+    sharpen_iter: int = 0            # filters + scribbles: after training, this many iterations of stronger
+    sharpen_sim: float = 3.0         # self-training (similarity weight) with each class's share of the image
+                                     # held at the trained result's (see _sharpen)
     balance: bool = False            # class-balanced scribble loss (weights 1 / pixels per class)
     adapt_con: float = 0.0           # > 0: multiply mu_con by this whenever a class's scribbles are not learned
     con_crop: int = 64               # filters + scribbles: continuity on 2 full-resolution crops of this size
@@ -116,7 +119,7 @@ CONFIGS = {
     # losses on a downsampled grid and the scribble loss on every scribbled pixel at full resolution
     "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.1, mu_con=0.0, mu_scr=1.0,
                              train_pixels=20_000, max_iter=80, min_iter=40, scribble_acc=0.95,
-                             min_size=None, guide_r=8),
+                             min_size=None, guide_r=8, sharpen_iter=10),
     "fast": SegmentConfig(merge=12.0),  # merge: chosen on BSDS (benchmarks/bench_scribble.py, issue 14)
     "paper": SegmentConfig(
         q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1, mu_con=1.0, mu_scr=0.5,
@@ -536,6 +539,27 @@ def _training_data(model, x_np, scr, cfg: SegmentConfig, dev, fit_stats: bool) -
 
 
 # --------------------------------------------------------------------------- the job
+def _check_settings(cfg: SegmentConfig, n_segments, time_budget) -> None:
+    if n_segments is not None and int(n_segments) < 1:
+        raise LeaksegError(f"n_segments must be at least 1, got {n_segments}")
+    if time_budget is not None and time_budget <= 0:
+        raise LeaksegError(f"time_budget must be positive, got {time_budget}")
+    if cfg.max_iter < 1:
+        raise LeaksegError(f"max_iter must be at least 1, got {cfg.max_iter}")
+    if not cfg.merge >= 0:
+        raise LeaksegError(f"merge must be 0 (off) or a positive colour distance, got {cfg.merge}")
+    if not (isinstance(cfg.guide_r, (int, np.integer)) and cfg.guide_r >= 0):
+        raise LeaksegError(f"edge smoothing (guide_r) must be 0 (off) or a radius in pixels, got {cfg.guide_r}")
+    if not cfg.guide_eps > 0 or int(cfg.guide_pcs) < 1:
+        raise LeaksegError(f"guide_eps must be positive and guide_pcs at least 1, got {cfg.guide_eps}, "
+                           f"{cfg.guide_pcs}")
+    if not (isinstance(cfg.sharpen_iter, (int, np.integer)) and cfg.sharpen_iter >= 0):
+        raise LeaksegError(f"sharpening (sharpen_iter) must be 0 (off) or a number of iterations, "
+                           f"got {cfg.sharpen_iter}")
+    if not cfg.sharpen_sim > 0:
+        raise LeaksegError(f"sharpen_sim must be positive, got {cfg.sharpen_sim}")
+
+
 def iter_segment(
     image,
     scribbles=None,
@@ -558,7 +582,9 @@ def iter_segment(
     ``n_segments``: at most this many clusters in the output (unsupervised or
     the scribble classes plus extra clusters); with the paper config it is the
     minLabels stop rule. ``max_iter`` / ``time_budget`` (seconds) bound the
-    training. ``warm_start``: a previous result's ``state`` (continue training
+    training; with strokes the filters config then runs its ``sharpen_iter``
+    iterations of share-matched self-training (:func:`_sharpen`), unless the
+    time budget is spent. ``warm_start``: a previous result's ``state`` (continue training
     from its weights, e.g. after adding strokes). ``classes_only``: every pixel
     gets one of the scribbled classes. Cancelling (``JobCancelled``) returns the
     result of the current weights.
@@ -567,19 +593,7 @@ def iter_segment(
     if isinstance(config, str) and config == "auto":  # filter bank with scribbles, raw image without
         config = "filters" if scribbles is not None and np.asarray(scribbles).any() else "fast"
     cfg = get_config(config, max_iter=max_iter, **overrides)
-    if n_segments is not None and int(n_segments) < 1:
-        raise LeaksegError(f"n_segments must be at least 1, got {n_segments}")
-    if time_budget is not None and time_budget <= 0:
-        raise LeaksegError(f"time_budget must be positive, got {time_budget}")
-    if cfg.max_iter < 1:
-        raise LeaksegError(f"max_iter must be at least 1, got {cfg.max_iter}")
-    if not cfg.merge >= 0:
-        raise LeaksegError(f"merge must be 0 (off) or a positive colour distance, got {cfg.merge}")
-    if not (isinstance(cfg.guide_r, (int, np.integer)) and cfg.guide_r >= 0):
-        raise LeaksegError(f"edge smoothing (guide_r) must be 0 (off) or a radius in pixels, got {cfg.guide_r}")
-    if not cfg.guide_eps > 0 or int(cfg.guide_pcs) < 1:
-        raise LeaksegError(f"guide_eps must be positive and guide_pcs at least 1, got {cfg.guide_eps}, "
-                           f"{cfg.guide_pcs}")
+    _check_settings(cfg, n_segments, time_budget)
 
     x_np, info = prepare_image(image, rgb=rgb, stack=stack)
     N, C, Y, X = x_np.shape
@@ -639,27 +653,9 @@ def iter_segment(
             raise LeaksegError(f"cannot warm-start from this state: {str(e).splitlines()[0][:200]}") from None
     data = _training_data(model, x_np, scr, cfg, dev, fit_stats=warm_start is None)
     x_full, scale, (h, w) = data.x_full, data.scale, data.hw
-    tgt_scr, scr_target = data.tgt_scr, data.scr_target
+    scr_target = data.scr_target
     model.train()
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    else:
-        raise LeaksegError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adam')")
-    if warm_start is not None:
-        osd = warm_start.get("optimizer")
-        restored = False
-        if osd is not None and warm_start.get("optimizer_kind") == cfg.optimizer:
-            try:
-                opt.load_state_dict(osd)
-                restored = True
-            except Exception:  # noqa: BLE001 - different shapes: start the optimizer afresh
-                restored = False
-        if not restored:  # fresh Adam moments make large first steps: be gentle with trained weights
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.3
-    ce = nn.CrossEntropyLoss()
+    opt = _make_optimizer(model, cfg, warm_start)
     mu_con = cfg.mu_con
     scr_ce = nn.CrossEntropyLoss(weight=data.class_weights(q) if cfg.balance else None)
 
@@ -677,7 +673,9 @@ def iter_segment(
     stopped = "max_iter"
     first_preview = None
     it = 0
-    total = cfg.max_iter
+    # filters + scribbles: a final round of self-training with the class shares held fixed (_sharpen)
+    n_sharpen = cfg.sharpen_iter if cfg.input == "filters" and scr is not None else 0
+    total = cfg.max_iter + n_sharpen
 
     def finish(reason):
         labels, lut, counts = _predict_full(model, data, dev, cfg, K, class_ids, n_segments, classes_only,
@@ -702,20 +700,7 @@ def iter_segment(
 
     try:
         for it in range(1, cfg.max_iter + 1):
-            opt.zero_grad(set_to_none=True)
-            out, scr_logits = data.forward(model)  # (N, q, h, w) grid response, scribbled pixels' logits
-            logits = out.permute(0, 2, 3, 1).reshape(-1, q)
-            target = logits.argmax(1).detach()
-            con = out if data.crop_out is None else data.crop_out
-            dy = (con[:, :, 1:, :] - con[:, :, :-1, :]).abs().mean()
-            dx = (con[:, :, :, 1:] - con[:, :, :, :-1]).abs().mean()
-            sim = logits if data.sim_idx is None else logits[data.sim_idx]
-            loss = cfg.mu_sim * ce(sim, target if data.sim_idx is None else target[data.sim_idx])
-            loss = loss + mu_con * (dy + dx)
-            if tgt_scr is not None:
-                loss = loss + cfg.mu_scr * scr_ce(scr_logits, scr_target)
-            loss.backward()
-            opt.step()
+            loss, out, target, scr_logits = _train_step(model, data, opt, cfg, scr_ce, cfg.mu_sim, mu_con)
 
             # bookkeeping on this iteration's pseudo-labels
             n_lab = int(torch.unique(target).numel())
@@ -758,9 +743,98 @@ def iter_segment(
                 yield Progress(it, total, msg, preview=prev_lab[0] if squeeze else prev_lab, metrics=metrics)
             else:
                 yield Progress(it, total, msg, metrics=metrics)
+        if n_sharpen and stopped != "time_budget":
+            it = yield from _sharpen(model, data, opt, cfg, scr_ce, q, it, total, history, t_start)
     except JobCancelled:
         stopped = "cancelled"
     return finish(stopped)
+
+
+def _make_optimizer(model, cfg: SegmentConfig, warm_start: Optional[dict]):
+    """The configured optimizer; a warm start restores its state (else a gentler learning rate)."""
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
+    elif cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        raise LeaksegError(f"unknown optimizer {cfg.optimizer!r} (use 'sgd' or 'adam')")
+    if warm_start is not None:
+        osd = warm_start.get("optimizer")
+        restored = False
+        if osd is not None and warm_start.get("optimizer_kind") == cfg.optimizer:
+            try:
+                opt.load_state_dict(osd)
+                restored = True
+            except Exception:  # noqa: BLE001 - different shapes: start the optimizer afresh
+                restored = False
+        if not restored:  # fresh Adam moments make large first steps: be gentle with trained weights
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * 0.3
+    return opt
+
+
+def _train_step(model, data: _TrainData, opt, cfg: SegmentConfig, scr_ce, mu_sim: float, mu_con: float,
+                shares: Optional[torch.Tensor] = None):
+    """One DFC iteration: similarity to its own argmax (or to the share-matched argmax, ``shares``),
+    continuity, scribble cross-entropy. Returns (loss, grid response, target, scribbled logits)."""
+    opt.zero_grad(set_to_none=True)
+    out, scr_logits = data.forward(model)  # (N, q, h, w) grid response, scribbled pixels' logits
+    logits = out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    target = logits.argmax(1).detach() if shares is None else _share_matched_target(logits.detach(), shares)
+    con = out if data.crop_out is None else data.crop_out
+    dy = (con[:, :, 1:, :] - con[:, :, :-1, :]).abs().mean()
+    dx = (con[:, :, :, 1:] - con[:, :, :, :-1]).abs().mean()
+    sim = logits if data.sim_idx is None else logits[data.sim_idx]
+    loss = mu_sim * F.cross_entropy(sim, target if data.sim_idx is None else target[data.sim_idx])
+    loss = loss + mu_con * (dy + dx)
+    if data.tgt_scr is not None:
+        loss = loss + cfg.mu_scr * scr_ce(scr_logits, data.scr_target)
+    loss.backward()
+    opt.step()
+    return loss, out, target, scr_logits
+
+
+def _class_shares(model: "FilterNet", data: _TrainData, q: int) -> torch.Tensor:
+    """(1, q): each channel's share of the full-resolution prediction (argmax of ``respond``)."""
+    counts = torch.zeros(q, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(data.f_full.shape[0]):
+            am = model.respond(data.f_full[i:i + 1])[0].argmax(0)
+            counts += torch.bincount(am.reshape(-1), minlength=q).double().cpu()
+    shares = (counts / counts.sum()).clamp_min(1e-4)
+    return (shares / shares.sum()).float()[None].to(data.grid.device)
+
+
+def _share_matched_target(logits: torch.Tensor, shares: torch.Tensor, n_iter: int = 3, probs: bool = False):
+    """Argmax of the class probabilities rescaled per class (Sinkhorn: ``n_iter`` rounds of scaling each
+    class, then each pixel) so that their mean approaches ``shares``; ``probs=True`` returns the
+    rescaled probabilities. The argmax's shares follow the means only approximately."""
+    p = torch.softmax(logits, 1)
+    for _ in range(n_iter):
+        p = p * (shares / p.mean(0, keepdim=True).clamp_min(1e-8))
+        p = p / p.sum(1, keepdim=True)
+    return p if probs else p.argmax(1)
+
+
+def _sharpen(model, data: _TrainData, opt, cfg: SegmentConfig, scr_ce, q: int, it: int, total: int,
+             history: list, t_start: float):
+    """Self-training at ``sharpen_sim`` for ``sharpen_iter`` more iterations, its targets matched to the
+    class shares of the trained result (so that no class can swallow another, as a strong similarity
+    weight from the start lets it), with the scribble loss kept. Thin, low-contrast classes (EM
+    membranes) gain; the shares cannot drift (benchmarks/bench_scribble_forest.py). Returns the last
+    iteration number."""
+    shares = _class_shares(model, data, q)
+    model.train()
+    for it in range(it + 1, it + 1 + cfg.sharpen_iter):
+        loss, _, target, scr_logits = _train_step(model, data, opt, cfg, scr_ce, cfg.sharpen_sim, cfg.mu_con, shares)
+        acc, _ = _scribble_agreement(scr_logits, data.scr_target)
+        lossv = float(loss.detach())
+        history.append({"iter": it, "t": time.perf_counter() - t_start, "loss": lossv,
+                        "n_labels": int(torch.unique(target).numel()), "change": None, "scribble_acc": acc,
+                        "stage": "sharpen"})
+        yield Progress(it, total, f"iter {it}: sharpening, loss {lossv:.3f}", metrics={"loss": lossv,
+                                                                                        "scribble_acc": acc})
+    return it
 
 
 def _scribble_agreement(scr_logits, scr_target) -> tuple[float, float]:

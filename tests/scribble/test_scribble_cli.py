@@ -116,3 +116,30 @@ def test_cli_edge_smoothing_option(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "edge smoothing" in err and err.count("\n") == 1
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_cli_sharpen_option(tmp_path, capsys):
+    """--sharpen 0 gives the Python API's result without the final sharpening round, --sharpen N runs N
+    more iterations; a negative count is a one-line error that writes nothing."""
+    from napari_leakseg.scribble import segment
+
+    img = _image()
+    scr = np.zeros(img.shape[:2], np.uint8)
+    scr[20, 4:20] = 1
+    scr[20, 28:44] = 2
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "scr.npy", scr)
+    for n in (0, 5):
+        out = tmp_path / f"seg{n}.npy"
+        rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
+                   "--sharpen", str(n), "--max-iter", "20", "-q", "--device", "cpu", "--out", str(out)])
+        assert rc == 0
+        want = segment(img, scr, classes_only=True, max_iter=20, device="cpu", sharpen_iter=n)
+        np.testing.assert_array_equal(np.load(out), want.labels)
+        assert sum(h.get("stage") == "sharpen" for h in want.history) == n
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"),
+               "--sharpen", "-1", "--out", str(tmp_path / "x.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sharpening (sharpen_iter) must be" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.npy").exists()

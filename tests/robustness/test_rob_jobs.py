@@ -200,3 +200,41 @@ def test_sigint_mid_run_keeps_previous_output(seed, tmp_path):
     else:  # finished (or the job kept its result) before the signal: a complete file
         assert np.asarray(io.imread(out)).shape == (96, 96)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["img.png", "out.tif"]
+
+
+def test_interrupted_cli_silences_only_zarr_loop_leftovers(monkeypatch, capsys):
+    """After an interrupt the CLI prints one line: coroutines that zarr's closed I/O loop leaves behind
+    ("Exception ignored in: <coroutine ...> RuntimeError: Event loop is closed", seen under load) are
+    dropped, while any other unraisable exception still reaches stderr."""
+    import gc
+    import sys
+    import types
+
+    from napari_leakseg.cli import main as cli_main
+
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+    cli_main._quiet_pending_tasks()
+
+    @types.coroutine
+    def pause():
+        yield
+
+    async def run():
+        try:
+            await pause()
+        finally:
+            raise RuntimeError("Event loop is closed")
+
+    coro = run()
+    coro.send(None)
+    del coro
+    gc.collect()
+    assert capsys.readouterr().err == ""
+
+    class Broken:
+        def __del__(self):
+            raise ValueError("a real problem")
+
+    Broken()
+    gc.collect()
+    assert "a real problem" in capsys.readouterr().err

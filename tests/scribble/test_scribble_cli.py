@@ -14,6 +14,28 @@ def _image():
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
 
 
+def _two_class_files(tmp_path):
+    """The red/blue image and one stroke per half, saved as img.npy and scr.npy in ``tmp_path``."""
+    img = _image()
+    scr = np.zeros(img.shape[:2], np.uint8)
+    scr[20, 4:20] = 1
+    scr[20, 28:44] = 2
+    np.save(tmp_path / "img.npy", img)
+    np.save(tmp_path / "scr.npy", scr)
+    return img, scr
+
+
+def _refused(tmp_path, capsys, options, needle):
+    """`leakseg segment` on the files of _two_class_files with ``options``: exit 2, one stderr line
+    containing ``needle``, no output written."""
+    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), *options,
+               "--out", str(tmp_path / "x.npy")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x.npy").exists()
+
+
 def test_cli_scribbles_255_convention_and_model(tmp_path, capsys):
     from napari_leakseg.core import io, store
 
@@ -84,12 +106,7 @@ def test_cli_edge_smoothing_option(tmp_path, capsys):
     from napari_leakseg.core import store
     from napari_leakseg.scribble import segment
 
-    img = _image()
-    scr = np.zeros(img.shape[:2], np.uint8)
-    scr[20, 4:20] = 1
-    scr[20, 28:44] = 2
-    np.save(tmp_path / "img.npy", img)
-    np.save(tmp_path / "scr.npy", scr)
+    img, scr = _two_class_files(tmp_path)
     out = tmp_path / "seg.npy"
     rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
                "--edge-smoothing", "0", "--max-iter", "20", "-q", "--device", "cpu", "--out", str(out),
@@ -110,12 +127,7 @@ def test_cli_edge_smoothing_option(tmp_path, capsys):
                "--warm-start", str(tmp_path / "m.pt"), "--max-iter", "5", "-q", "--device", "cpu",
                "--out", str(tmp_path / "w.npy")])
     assert rc == 0
-    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"),
-               "--edge-smoothing", "-1", "--out", str(tmp_path / "x.npy")])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "edge smoothing" in err and err.count("\n") == 1
-    assert not (tmp_path / "x.npy").exists()
+    _refused(tmp_path, capsys, ["--edge-smoothing", "-1"], "edge smoothing")
 
 
 def test_cli_sharpen_option(tmp_path, capsys):
@@ -123,12 +135,7 @@ def test_cli_sharpen_option(tmp_path, capsys):
     more iterations; a negative count is a one-line error that writes nothing."""
     from napari_leakseg.scribble import segment
 
-    img = _image()
-    scr = np.zeros(img.shape[:2], np.uint8)
-    scr[20, 4:20] = 1
-    scr[20, 28:44] = 2
-    np.save(tmp_path / "img.npy", img)
-    np.save(tmp_path / "scr.npy", scr)
+    img, scr = _two_class_files(tmp_path)
     for n in (0, 5):
         out = tmp_path / f"seg{n}.npy"
         rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
@@ -137,9 +144,4 @@ def test_cli_sharpen_option(tmp_path, capsys):
         want = segment(img, scr, classes_only=True, max_iter=20, device="cpu", sharpen_iter=n)
         np.testing.assert_array_equal(np.load(out), want.labels)
         assert sum(h.get("stage") == "sharpen" for h in want.history) == n
-    rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"),
-               "--sharpen", "-1", "--out", str(tmp_path / "x.npy")])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "sharpening (sharpen_iter) must be" in err and err.count("\n") == 1
-    assert not (tmp_path / "x.npy").exists()
+    _refused(tmp_path, capsys, ["--sharpen", "-1"], "sharpening (sharpen_iter) must be")

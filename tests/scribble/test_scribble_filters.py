@@ -17,6 +17,11 @@ DEVICE = os.environ.get("LEAKSEG_TEST_DEVICE", "cpu")
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
+def miou(pred, cls):
+    """Mean over classes 1 and 2 of IoU(pred == k, cls == k)."""
+    return np.mean([((pred == k) & (cls == k)).sum() / ((pred == k) | (cls == k)).sum() for k in (1, 2)])
+
+
 def textures(h=96, w=128, seed=0):
     """Left: fine checkerboard-like noise; right: smooth; both with the same mean intensity."""
     rng = np.random.default_rng(seed)
@@ -118,13 +123,10 @@ def test_filters_on_a_real_em_crop_match_the_forest():
         pick = rng.choice(ys.size, 250, replace=False)
         scr[ys[pick], xs[pick]] = k
 
-    def miou(p):
-        return np.mean([((p == k) & (cls == k)).sum() / ((p == k) | (cls == k)).sum() for k in (1, 2)])
-
-    ours = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0).labels)
+    ours = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0).labels, cls)
     feats = multiscale_basic_features(img, sigma_min=1, sigma_max=16)
     clf = fit_segmenter(scr, feats, RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0))
-    theirs = miou(predict_segmenter(feats, clf))
+    theirs = miou(predict_segmenter(feats, clf), cls)
     assert ours > 0.55 and ours > theirs - 0.05, (ours, theirs)
 
 
@@ -274,11 +276,8 @@ def test_guided_filter_improves_real_phase_contrast_cells():
             line[y - 1:y + 2, 100:600] = True
             scr[line & bg] = 1
 
-        def miou(p):
-            return np.mean([((p == k) & (cls == k)).sum() / ((p == k) | (cls == k)).sum() for k in (1, 2)])
-
-        guided = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0).labels)
-        plain = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0, guide_r=0).labels)
+        guided = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0).labels, cls)
+        plain = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0, guide_r=0).labels, cls)
         gains.append(guided - plain)
     assert min(gains) > 0 and np.mean(gains) >= 0.005, gains
 
@@ -354,10 +353,7 @@ def test_sharpening_improves_real_em_membranes():
                 line[ys[i], max(0, xs[i] - 10):xs[i] + 10] = True
                 scr[line & inner] = 2
 
-            def miou(p):
-                return np.mean([((p == k) & (cls == k)).sum() / ((p == k) | (cls == k)).sum() for k in (1, 2)])
-
-            sharp = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0).labels)
-            plain = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0, sharpen_iter=0).labels)
+            sharp = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0).labels, cls)
+            plain = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0, sharpen_iter=0).labels, cls)
             gains.append(sharp - plain)
     assert np.mean(gains) >= 0.004 and min(gains) > -0.01, gains

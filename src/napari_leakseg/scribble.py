@@ -794,13 +794,28 @@ def _train_step(model, data: _TrainData, opt, cfg: SegmentConfig, scr_ce, mu_sim
     return loss, out, target, scr_logits
 
 
-def _class_shares(model: "FilterNet", data: _TrainData, q: int) -> torch.Tensor:
-    """(1, q): each channel's share of the full-resolution prediction (argmax of ``respond``)."""
+def _share_bands(Y: int, X: int, max_px: int, band: int = 128) -> list:
+    """Row ranges to count class shares on: the whole image up to ``max_px`` pixels, else evenly spaced
+    bands of ``band`` rows covering about ``max_px`` pixels."""
+    if Y * X <= max_px or Y <= band:
+        return [(0, Y)]
+    n = max(1, min(math.ceil(Y / band), max_px // (band * X)))
+    return [(int(a), int(a) + band) for a in np.linspace(0, Y - band, n).round()]
+
+
+def _class_shares(model: "FilterNet", data: _TrainData, q: int, max_px: int = 1 << 20) -> torch.Tensor:
+    """(1, q): each channel's share of the full-resolution prediction (argmax of ``respond``). Images
+    above ``max_px`` pixels are sampled in full-resolution row bands (each with the guided filter's
+    2·r halo, so that a counted pixel sees the neighbourhood it has in the whole image), to bound the cost."""
     counts = torch.zeros(q, dtype=torch.float64)
+    N, _, Y, X = data.f_full.shape
+    halo = 2 * getattr(model, "guide_r", 0)
     with torch.no_grad():
-        for i in range(data.f_full.shape[0]):
-            am = model.respond(data.f_full[i:i + 1])[0].argmax(0)
-            counts += torch.bincount(am.reshape(-1), minlength=q).double().cpu()
+        for i in range(N):
+            for a, b in _share_bands(Y, X, max_px):
+                lo, hi = max(0, a - halo), min(Y, b + halo)
+                am = model.respond(data.f_full[i:i + 1, :, lo:hi])[0].argmax(0)[a - lo:b - lo]
+                counts += torch.bincount(am.reshape(-1), minlength=q).double().cpu()
     shares = (counts / counts.sum()).clamp_min(1e-4)
     return (shares / shares.sum()).float()[None].to(data.grid.device)
 

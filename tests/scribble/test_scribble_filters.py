@@ -357,3 +357,24 @@ def test_sharpening_improves_real_em_membranes():
             plain = miou(segment(img, scr, classes_only=True, device=DEVICE, seed=0, sharpen_iter=0).labels, cls)
             gains.append(sharp - plain)
     assert np.mean(gains) >= 0.004 and min(gains) > -0.01, gains
+
+
+def test_class_shares_of_a_big_image_are_sampled_in_bands():
+    """Above max_px the shares come from full-resolution row bands (with the guided filter's halo): the
+    same shares as from the whole image, within 0.03, from about max_px pixels."""
+    from napari_leakseg import scribble as S
+
+    img, left, scr = textures(h=384, w=128)
+    r = segment(img, scr, classes_only=True, device=DEVICE, seed=0, sharpen_iter=0)
+    model = S.build_model(r.state["metadata"]["arch"])
+    model.load_state_dict(r.state["state_dict"])
+    x_np, _ = S.prepare_image(img)
+    scr3 = S.prepare_scribbles(scr, img.shape, 1, True)
+    data = S._training_data(model, x_np, scr3, S.get_config("filters"), torch.device("cpu"), fit_stats=False)
+    q = model.head[-1].out_channels
+    bands = S._share_bands(384, 128, 128 * 256)
+    assert len(bands) == 2 and bands[0][0] == 0 and bands[-1][1] == 384
+    whole = S._class_shares(model, data, q, max_px=10 ** 9)
+    sampled = S._class_shares(model, data, q, max_px=128 * 256)
+    assert abs(float(whole[0, 0]) - float((r.labels == 1).mean())) < 0.02
+    assert float((whole - sampled).abs().max()) < 0.03, (whole, sampled)

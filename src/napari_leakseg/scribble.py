@@ -836,12 +836,13 @@ def _sharpen(model, data: _TrainData, opt, cfg: SegmentConfig, scr_ce, q: int, i
     """Self-training at ``sharpen_sim`` for ``sharpen_iter`` more iterations, its targets matched to the
     class shares of the trained result (so that no class can swallow another, as a strong similarity
     weight from the start lets it), with the scribble loss kept. Thin, low-contrast classes (EM
-    membranes) gain; the shares cannot drift (benchmarks/bench_scribble_forest.py). Returns the last
-    iteration number."""
+    membranes) gain, while the mean class probabilities stay at the trained result's shares
+    (benchmarks/bench_scribble_forest.py). Returns the last iteration number."""
     shares = _class_shares(model, data, q)
     model.train()
     for it in range(it + 1, it + 1 + cfg.sharpen_iter):
-        loss, _, target, scr_logits = _train_step(model, data, opt, cfg, scr_ce, cfg.sharpen_sim, cfg.mu_con, shares)
+        loss, _, target, scr_logits = _train_step(model, data, opt, cfg, scr_ce, cfg.sharpen_sim, cfg.mu_con,
+                                                  shares)
         acc, _ = _scribble_agreement(scr_logits, data.scr_target)
         lossv = float(loss.detach())
         history.append({"iter": it, "t": time.perf_counter() - t_start, "loss": lossv,

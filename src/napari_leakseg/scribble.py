@@ -809,7 +809,7 @@ def _class_shares(model: "FilterNet", data: _TrainData, q: int, max_px: int = 1 
     2·r halo, so that a counted pixel sees the neighbourhood it has in the whole image), to bound the cost."""
     counts = torch.zeros(q, dtype=torch.float64)
     N, _, Y, X = data.f_full.shape
-    halo = 2 * getattr(model, "guide_r", 0)
+    halo = 2 * model.guide_r
     with torch.no_grad():
         for i in range(N):
             for a, b in _share_bands(Y, X, max_px):
@@ -839,7 +839,6 @@ def _sharpen(model, data: _TrainData, opt, cfg: SegmentConfig, scr_ce, q: int, i
     membranes) gain, while the mean class probabilities stay at the trained result's shares
     (benchmarks/bench_scribble_forest.py). Returns the last iteration number."""
     shares = _class_shares(model, data, q)
-    model.train()
     for it in range(it + 1, it + 1 + cfg.sharpen_iter):
         loss, _, target, scr_logits = _train_step(model, data, opt, cfg, scr_ce, cfg.sharpen_sim, cfg.mu_con,
                                                   shares)

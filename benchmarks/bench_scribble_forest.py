@@ -107,6 +107,13 @@ def run_without_sharpen(domains, draws):
     return run_variant(domains, draws, "leakseg_no_sharpening", "without sharpening", sharpen_iter=0)
 
 
+def run_without_lab(domains, draws):
+    """'Without the new idea' of stop 28: the filter bank on the RGB channels instead of CIELAB
+    (colour='rgb'). Only the colour domain is run: on grey images the two are the same."""
+    return run_variant([d for d in domains if d == "bsds500"], draws, "leakseg_rgb_filters", "RGB filters",
+                       colour="rgb")
+
+
 def summarise(rows):
     out = []
     for d in dict.fromkeys(r["domain"] for r in rows):
@@ -224,18 +231,22 @@ def write_doc(res):
     if res.get("without_filters"):
         ng = {r["domain"]: r for r in res.get("without_guide", [])}
         ns = {r["domain"]: r for r in res.get("without_sharpen", [])}
+        nl = {r["domain"]: r for r in res.get("without_lab", [])}
         nan = {"miou": float("nan"), "seconds_median": float("nan")}
         lines += ["", "Without the new ideas (same strokes): the raw-image CNN (`config='fast'`, the default before "
                   "issue 14); the filter network without edge smoothing and sharpening (`guide_r=0, sharpen_iter=0`, "
-                  "the default before 2026-12-05); and without the sharpening round only (`sharpen_iter=0`, the "
-                  "default before stop 27):", "",
-                  "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | default mIoU | raw CNN s "
-                  "| no edge smoothing s | no sharpening s | default s |", "|---|---|---|---|---|---|---|---|---|"]
+                  "the default before 2026-12-05); without the sharpening round only (`sharpen_iter=0`, the "
+                  "default before stop 27); and, on colour images, the filter bank on RGB instead of CIELAB "
+                  "(`colour='rgb'`, the default before stop 28; grey images: —, the same):", "",
+                  "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | RGB filters mIoU | default mIoU "
+                  "| raw CNN s | no edge smoothing s | no sharpening s | RGB filters s | default s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["without_filters"]:
             L = next((x for x in s if x["domain"] == r["domain"] and x["method"] == "leakseg"), nan)
-            g, h = ng.get(r["domain"], nan), ns.get(r["domain"], nan)
-            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou']:.3f} | {h['miou']:.3f} | {L['miou']:.3f} | "
-                         f"{r['seconds_median']:.2f} | {g['seconds_median']:.2f} | {h['seconds_median']:.2f} | "
+            g, h, c = ng.get(r["domain"], nan), ns.get(r["domain"], nan), nl.get(r["domain"])
+            cm, cs = (f"{c['miou']:.3f}", f"{c['seconds_median']:.2f}") if c else ("—", "—")
+            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou']:.3f} | {h['miou']:.3f} | {cm} | {L['miou']:.3f} | "
+                         f"{r['seconds_median']:.2f} | {g['seconds_median']:.2f} | {h['seconds_median']:.2f} | {cs} | "
                          f"{L['seconds_median']:.2f} |")
     if res.get("speed"):
         lines += ["", "Speed (medians of " + str(next(iter(res["speed"].values()))["repeats"]) + " runs, in process):", "",
@@ -259,7 +270,7 @@ def main(argv=None):
     ap.add_argument("--draw-offset", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="images per domain (default all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (tuning)")
-    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,speed,stack")
+    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,nolab,speed,stack")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     overrides = {}
@@ -283,6 +294,8 @@ def main(argv=None):
         res["without_guide"] = run_without_guide(a.domains.split(","), a.draws)
     if "nosharpen" in parts:
         res["without_sharpen"] = run_without_sharpen(a.domains.split(","), a.draws)
+    if "nolab" in parts:
+        res["without_lab"] = run_without_lab(a.domains.split(","), a.draws)
     if "speed" in parts:
         res["speed"] = run_speed()
     if "stack" in parts and available("fibsem_medulla"):
@@ -293,7 +306,7 @@ def main(argv=None):
         for k in ("machine", "load"):
             res.pop(k, None)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "without_sharpen", "minutes",
+    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "without_sharpen", "without_lab", "minutes",
               "load", "machine"):  # parts not run now keep their last results
         if k not in res and k in old:
             res[k] = old[k]

@@ -104,6 +104,7 @@ class SegmentConfig:
     sharpen_iter: int = 0            # filters + scribbles: after training, this many iterations of stronger
     sharpen_sim: float = 3.0         # self-training (similarity weight) with each class's share of the image
                                      # held at the trained result's (see _sharpen)
+    colour: str = "rgb"              # filters, RGB images: "lab" computes the filter bank on CIELAB
     balance: bool = False            # class-balanced scribble loss (weights 1 / pixels per class)
     adapt_con: float = 0.0           # > 0: multiply mu_con by this whenever a class's scribbles are not learned
     con_crop: int = 64               # filters + scribbles: continuity on 2 full-resolution crops of this size
@@ -119,7 +120,7 @@ CONFIGS = {
     # losses on a downsampled grid and the scribble loss on every scribbled pixel at full resolution
     "filters": SegmentConfig(input="filters", q=32, lr=0.01, mu_sim=0.1, mu_con=0.0, mu_scr=1.0,
                              train_pixels=20_000, max_iter=80, min_iter=40, scribble_acc=0.95,
-                             min_size=None, guide_r=8, sharpen_iter=10),
+                             min_size=None, guide_r=8, sharpen_iter=10, colour="lab"),
     "fast": SegmentConfig(merge=12.0),  # merge: chosen on BSDS (benchmarks/bench_scribble.py, issue 14)
     "paper": SegmentConfig(
         q=100, n_conv=2, padding_mode="zeros", optimizer="sgd", lr=0.1, mu_con=1.0, mu_scr=0.5,
@@ -184,8 +185,10 @@ class FilterNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=(1.0, 2.0, 4.0, 8.0, 16.0),
-                 features: str = "full", guide_r: int = 0, guide_pcs: int = 0, guide_eps: float = 0.1):
+                 features: str = "full", guide_r: int = 0, guide_pcs: int = 0, guide_eps: float = 0.1,
+                 colour: str = "rgb"):
         super().__init__()
+        self.colour = colour if in_channels == 3 else "rgb"
         from .core.filters import n_features
 
         self.sigmas = tuple(float(s) for s in sigmas)
@@ -201,10 +204,15 @@ class FilterNet(nn.Module):
         else:
             self.guide_r = 0
 
-    def features(self, x):
-        from .core.filters import multiscale_features
+    def bank(self, x):
+        """Raw (unstandardised) multiscale features of normalised image channels (N, C, Y, X)."""
+        from .core.filters import multiscale_features, rgb_to_lab
 
-        return (multiscale_features(x, self.sigmas, features=self.feature_set) - self.mean) / self.std
+        return multiscale_features(rgb_to_lab(x) if self.colour == "lab" else x, self.sigmas,
+                                   features=self.feature_set)
+
+    def features(self, x):
+        return (self.bank(x) - self.mean) / self.std
 
     def fit_guide(self, f: torch.Tensor) -> None:
         """Fit the guide's projection to standardised features (N, F, Y, X) of the training image."""
@@ -239,6 +247,8 @@ def _arch(in_channels, cfg: SegmentConfig) -> dict:
                 "sigmas": [float(v) for v in cfg.sigmas], "features": cfg.features}
         if cfg.guide_r > 0 and cfg.guide_pcs > 0:
             arch.update(guide_r=int(cfg.guide_r), guide_pcs=int(cfg.guide_pcs), guide_eps=float(cfg.guide_eps))
+        if cfg.colour == "lab" and int(in_channels) == 3:
+            arch["colour"] = "lab"
         return arch
     return {"in_channels": int(in_channels), "q": int(cfg.q), "n_conv": int(cfg.n_conv),
             "padding_mode": cfg.padding_mode}
@@ -247,7 +257,8 @@ def _arch(in_channels, cfg: SegmentConfig) -> dict:
 def build_model(arch: dict) -> nn.Module:
     if arch.get("kind", "conv") == "filters":
         return FilterNet(arch["in_channels"], arch["q"], arch["hidden"], arch["sigmas"], arch.get("features", "full"),
-                         arch.get("guide_r", 0), arch.get("guide_pcs", 0), arch.get("guide_eps", 0.1))
+                         arch.get("guide_r", 0), arch.get("guide_pcs", 0), arch.get("guide_eps", 0.1),
+                         arch.get("colour", "rgb"))
     return FeatureNet(arch["in_channels"], arch["q"], arch["n_conv"], arch.get("padding_mode", "replicate"))
 
 
@@ -287,7 +298,8 @@ MODEL_SPEC = ModelSpec(
           "padding_mode": Param("str", choices=("zeros", "reflect", "replicate", "circular")),
           "hidden": Param("int", 1, 4096), "sigmas": Param("floats", 0.1, 64),
           "features": Param("str", choices=("full", "basic")), "guide_r": Param("int", 0, 256),
-          "guide_pcs": Param("int", 0, 64), "guide_eps": Param("float", 1e-6, 1e6)},
+          "guide_pcs": Param("int", 0, 64), "guide_eps": Param("float", 1e-6, 1e6),
+          "colour": Param("str", choices=("rgb", "lab"))},
     required=("in_channels", "q"), defaults={"padding_mode": "replicate"},
     build=build_model, check=_check_saved,
     activation=lambda a: (6 * a["q"] + (a.get("hidden", 0) or 0) * 2
@@ -406,15 +418,11 @@ def _filter_bank(model: "FilterNet", x: torch.Tensor, dev) -> torch.Tensor:
     """Raw multiscale features of (N, C, Y, X) ``x`` on ``dev``, cached for the last image seen."""
     import hashlib
 
-    from .core.filters import multiscale_features
-
     key = (hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest(), tuple(x.shape), model.sigmas,
-           model.feature_set, str(dev))
+           model.feature_set, model.colour, str(dev))
     if key not in _FEATURE_CACHE:
         _FEATURE_CACHE.clear()
-        _FEATURE_CACHE[key] = torch.cat([multiscale_features(x[i:i + 1].to(dev), model.sigmas,
-                                                             features=model.feature_set)
-                                         for i in range(x.shape[0])])
+        _FEATURE_CACHE[key] = torch.cat([model.bank(x[i:i + 1].to(dev)) for i in range(x.shape[0])])
     return _FEATURE_CACHE[key]
 
 
@@ -556,6 +564,8 @@ def _check_settings(cfg: SegmentConfig, n_segments, time_budget) -> None:
     if not (isinstance(cfg.sharpen_iter, (int, np.integer)) and cfg.sharpen_iter >= 0):
         raise LeaksegError(f"sharpening (sharpen_iter) must be 0 (off) or a number of iterations, "
                            f"got {cfg.sharpen_iter}")
+    if cfg.colour not in ("rgb", "lab"):
+        raise LeaksegError(f"colour must be 'lab' (filter bank on CIELAB) or 'rgb', got {cfg.colour!r}")
     if not cfg.sharpen_sim > 0:
         raise LeaksegError(f"sharpen_sim must be positive, got {cfg.sharpen_sim}")
 
@@ -631,6 +641,7 @@ def iter_segment(
                     f"{arch.get('guide_r', 0)} (its guide is part of the model); start a new model instead")
             cfg.guide_r, cfg.guide_pcs = arch.get("guide_r", 0), arch.get("guide_pcs", 0)
             cfg.guide_eps = arch.get("guide_eps", 0.1)
+            cfg.colour = arch.get("colour", "rgb")  # the saved filter bank's colour space
         else:
             cfg.input, cfg.q, cfg.n_conv = "raw", arch["q"], arch["n_conv"]
             cfg.padding_mode = arch.get("padding_mode", cfg.padding_mode)

@@ -145,3 +145,22 @@ def test_cli_sharpen_option(tmp_path, capsys):
         np.testing.assert_array_equal(np.load(out), want.labels)
         assert sum(h.get("stage") == "sharpen" for h in want.history) == n
     _refused(tmp_path, capsys, ["--sharpen", "-1"], "sharpening (sharpen_iter) must be")
+
+
+def test_cli_colour_option(tmp_path, capsys):
+    """--colour rgb / lab give the Python API's result with that filter bank, and the saved model records
+    it (lab is the default for RGB images); an unknown colour space is a one-line error."""
+    from napari_leakseg.core import store
+    from napari_leakseg.scribble import segment
+
+    img, scr = _two_class_files(tmp_path)
+    for colour in ("rgb", "lab", None):
+        out, model = tmp_path / f"seg{colour}.npy", tmp_path / f"m{colour}.pt"
+        rc = main(["segment", str(tmp_path / "img.npy"), "--scribbles", str(tmp_path / "scr.npy"), "--classes-only",
+                   *(["--colour", colour] if colour else []), "--max-iter", "20", "-q", "--device", "cpu",
+                   "--out", str(out), "--save-model", str(model)])
+        assert rc == 0
+        want = segment(img, scr, classes_only=True, max_iter=20, device="cpu", colour=colour)
+        np.testing.assert_array_equal(np.load(out), want.labels)
+        assert store.load(model, capability="scribble")[1]["arch"].get("colour", "rgb") == (colour or "lab")
+    _refused(tmp_path, capsys, ["--classes-only", "--colour", "hsv"], "colour must be 'lab'")

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--sharpen", type=int, default=None, metavar="N",
                    help="with scribbles (filters config): N more iterations of self-training at the end, with "
                         "each class's share of the image held fixed (default 10, 0 = off)")
+    p.add_argument("--colour", default=None, metavar="lab|rgb",
+                   help="with scribbles (filters config), RGB images: compute the filter bank on CIELAB "
+                        "(default lab) or on the RGB channels")
     p.add_argument("--stack", action="store_true",
                    help="treat a 3D input as a Z/T stack of 2D images (one shared model); default guesses")
     p.add_argument("--save-model", metavar="M", help="also save the trained model (.pt) for `leakseg apply` "
@@ -89,7 +92,7 @@ def run(args) -> int:
                        time_budget=args.time_budget, seed=args.seed, device=args.device,
                        warm_start=warm, classes_only=args.classes_only, config=args.config,
                        stack=True if args.stack else None, merge=args.merge,
-                       guide_r=args.edge_smoothing, sharpen_iter=args.sharpen)
+                       guide_r=args.edge_smoothing, sharpen_iter=args.sharpen, colour=args.colour)
     res = common.run_with_progress(gen, quiet=args.quiet)
     labels = res.labels
     if scr is not None and args.unlabeled_value == 255:

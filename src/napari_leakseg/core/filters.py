@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["DEFAULT_SIGMAS", "FEATURES_PER_SCALE", "FEATURE_SETS", "n_features", "gaussian_blur",
-           "multiscale_features", "standardize"]
+           "multiscale_features", "standardize", "rgb_to_lab"]
 
 DEFAULT_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)
 FEATURES_PER_SCALE = ("gaussian", "gradient", "log", "hessian_1", "hessian_2", "structure_1", "structure_2")
@@ -129,6 +129,25 @@ def multiscale_features(x: torch.Tensor, sigmas: Sequence[float] = DEFAULT_SIGMA
             out += [feats[i] for i in sel]
     # order: channel-major within each feature kind is not needed; keep (kind, channel) blocks
     return torch.cat(out, 1)
+
+
+#: sRGB (linear) → CIE XYZ, D65 white point
+_RGB2XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
+_WHITE = (0.950456, 1.0, 1.088754)
+
+
+def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """(N, 3, Y, X) sRGB in [0, 1] (clipped) → CIELAB (D65) divided by 100, so L is in [0, 1].
+
+    The same conversion as ``skimage.color.rgb2lab`` (to float32 precision), on any device.
+    Colour differences in Lab follow perception, so regions that look alike are close in it.
+    """
+    c = x.float().clamp(0.0, 1.0)
+    lin = torch.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    m = torch.tensor(_RGB2XYZ, dtype=lin.dtype, device=lin.device)
+    xyz = torch.einsum("kc,ncyx->nkyx", m, lin) / torch.tensor(_WHITE, dtype=lin.dtype, device=lin.device).view(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    return torch.stack([1.16 * f[:, 1] - 0.16, 5.0 * (f[:, 0] - f[:, 1]), 2.0 * (f[:, 1] - f[:, 2])], 1)
 
 
 def standardize(f: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -114,6 +114,12 @@ def run_without_lab(domains, draws):
                        colour="rgb")
 
 
+def run_without_small_scales(domains, draws):
+    """'Without the new idea' of stop 28 (second change): the filter bank at sigma 1, 2, 4, 8 and 16
+    instead of 1, 1.5, 2, 3 and 4."""
+    return run_variant(domains, draws, "leakseg_sigma_1_16", "sigma 1-16", sigmas=[1.0, 2.0, 4.0, 8.0, 16.0])
+
+
 def summarise(rows):
     out = []
     for d in dict.fromkeys(r["domain"] for r in rows):
@@ -232,22 +238,25 @@ def write_doc(res):
         ng = {r["domain"]: r for r in res.get("without_guide", [])}
         ns = {r["domain"]: r for r in res.get("without_sharpen", [])}
         nl = {r["domain"]: r for r in res.get("without_lab", [])}
+        nb = {r["domain"]: r for r in res.get("without_small_scales", [])}
         nan = {"miou": float("nan"), "seconds_median": float("nan")}
         lines += ["", "Without the new ideas (same strokes): the raw-image CNN (`config='fast'`, the default before "
                   "issue 14); the filter network without edge smoothing and sharpening (`guide_r=0, sharpen_iter=0`, "
                   "the default before 2026-12-05); without the sharpening round only (`sharpen_iter=0`, the "
-                  "default before stop 27); and, on colour images, the filter bank on RGB instead of CIELAB "
-                  "(`colour='rgb'`, the default before stop 28; grey images: —, the same):", "",
-                  "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | RGB filters mIoU | default mIoU "
-                  "| raw CNN s | no edge smoothing s | no sharpening s | RGB filters s | default s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "default before stop 27); on colour images, the filter bank on RGB instead of CIELAB "
+                  "(`colour='rgb'`, the default before stop 28; grey images: —, the same); and the filter bank at σ 1–16 "
+                  "instead of σ 1–4 (`sigmas=[1, 2, 4, 8, 16]`, the default before stop 28):", "",
+                  "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | RGB filters mIoU | σ 1–16 mIoU "
+                  "| default mIoU | raw CNN s | no edge smoothing s | no sharpening s | RGB filters s | σ 1–16 s | default s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["without_filters"]:
             L = next((x for x in s if x["domain"] == r["domain"] and x["method"] == "leakseg"), nan)
             g, h, c = ng.get(r["domain"], nan), ns.get(r["domain"], nan), nl.get(r["domain"])
             cm, cs = (f"{c['miou']:.3f}", f"{c['seconds_median']:.2f}") if c else ("—", "—")
-            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou']:.3f} | {h['miou']:.3f} | {cm} | {L['miou']:.3f} | "
-                         f"{r['seconds_median']:.2f} | {g['seconds_median']:.2f} | {h['seconds_median']:.2f} | {cs} | "
-                         f"{L['seconds_median']:.2f} |")
+            b = nb.get(r["domain"], nan)
+            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou']:.3f} | {h['miou']:.3f} | {cm} | {b['miou']:.3f} | "
+                         f"{L['miou']:.3f} | {r['seconds_median']:.2f} | {g['seconds_median']:.2f} | "
+                         f"{h['seconds_median']:.2f} | {cs} | {b['seconds_median']:.2f} | {L['seconds_median']:.2f} |")
     if res.get("speed"):
         lines += ["", "Speed (medians of " + str(next(iter(res["speed"].values()))["repeats"]) + " runs, in process):", "",
                   "| image | first preview (s) | final result (s) | one more stroke, warm start (s) |", "|---|---|---|---|"]
@@ -270,7 +279,7 @@ def main(argv=None):
     ap.add_argument("--draw-offset", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="images per domain (default all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (tuning)")
-    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,nolab,speed,stack")
+    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,nolab,nosmall,speed,stack")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     overrides = {}
@@ -296,6 +305,8 @@ def main(argv=None):
         res["without_sharpen"] = run_without_sharpen(a.domains.split(","), a.draws)
     if "nolab" in parts:
         res["without_lab"] = run_without_lab(a.domains.split(","), a.draws)
+    if "nosmall" in parts:
+        res["without_small_scales"] = run_without_small_scales(a.domains.split(","), a.draws)
     if "speed" in parts:
         res["speed"] = run_speed()
     if "stack" in parts and available("fibsem_medulla"):
@@ -306,7 +317,7 @@ def main(argv=None):
         for k in ("machine", "load"):
             res.pop(k, None)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "without_sharpen", "without_lab", "minutes",
+    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "without_sharpen", "without_lab", "without_small_scales", "minutes",
               "load", "machine"):  # parts not run now keep their last results
         if k not in res and k in old:
             res[k] = old[k]

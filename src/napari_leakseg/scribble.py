@@ -122,7 +122,7 @@ class SegmentConfig:
 # the mean IoU rose on photos, cells, ISBI, FIB-SEM gala and ovule walls and fell slightly on FIB-SEM
 # medulla (tuning draws, then the benchmark).
 
-SINGLE_CLASS_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)  # filters config with strokes of one class only
+SINGLE_CLASS_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)  # filters config with strokes of one class (or none)
 
 CONFIGS = {
     # scribbles: a per-pixel network on an ilastik-style filter bank (issue 14), trained with the DFC
@@ -628,9 +628,9 @@ def iter_segment(
     if classes_only and not class_ids:
         raise LeaksegError("'classes only' needs scribbles: paint at least one class first")
 
-    if cfg.input == "filters" and len(class_ids) == 1 and overrides.get("sigmas") is None:
-        # one class against the rest: the rest's clusters come from self-training alone, which needs
-        # the large scales to tell regions apart (at sigma 1-4 the one class takes the whole image)
+    if cfg.input == "filters" and len(class_ids) < 2 and tuple(cfg.sigmas) == CONFIGS["filters"].sigmas:
+        # one class against the rest, or no strokes: the clusters come from self-training alone, which
+        # needs the large scales to tell regions apart (at sigma 1-4 one class takes the whole image)
         cfg.sigmas = SINGLE_CLASS_SIGMAS
     q = cfg.q
     if warm_start is not None:

@@ -435,13 +435,18 @@ def test_colour_images_get_a_lab_filter_bank_saved_with_the_model(tmp_path):
 
 def test_filter_scales_small_with_two_classes_large_with_one():
     """With strokes of two or more classes the filter bank stops at sigma 4; with strokes of one class
-    (that class against self-trained clusters) it keeps sigma 1-16; an explicit ``sigmas`` wins."""
+    (that class against self-trained clusters) or none it keeps sigma 1-16; explicit scales win."""
     img, left, scr = textures()
     assert set(np.unique(scr)) == {0, 1, 2}
     two = segment(img, scr, classes_only=True, device=DEVICE, seed=0, max_iter=10)
     assert two.state["metadata"]["arch"]["sigmas"] == [1.0, 1.5, 2.0, 3.0, 4.0]
     one = segment(img, np.where(scr == 1, 1, 0).astype(np.uint8), device=DEVICE, seed=0, max_iter=10)
     assert one.state["metadata"]["arch"]["sigmas"] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    none = segment(img, None, config="filters", device=DEVICE, seed=0, max_iter=10)
+    assert none.state["metadata"]["arch"]["sigmas"] == [1.0, 2.0, 4.0, 8.0, 16.0]
     mine = segment(img, np.where(scr == 1, 1, 0).astype(np.uint8), device=DEVICE, seed=0, max_iter=10,
                    sigmas=(1.0, 2.0))
     assert mine.state["metadata"]["arch"]["sigmas"] == [1.0, 2.0]
+    own = segment(img, np.where(scr == 1, 1, 0).astype(np.uint8), device=DEVICE, seed=0, max_iter=10,
+                  config={"input": "filters", "sigmas": (2.0, 4.0)})
+    assert own.state["metadata"]["arch"]["sigmas"] == [2.0, 4.0]

@@ -240,12 +240,13 @@ def write_doc(res):
         nl = {r["domain"]: r for r in res.get("without_lab", [])}
         nb = {r["domain"]: r for r in res.get("without_small_scales", [])}
         nan = {"miou": float("nan"), "seconds_median": float("nan")}
-        lines += ["", "Without the new ideas (same strokes): the raw-image CNN (`config='fast'`, the default before "
+        lines += ["", "Without the new ideas (same strokes; each column is today's default with one idea taken out, "
+                  "so it is not the older default itself): the raw-image CNN (`config='fast'`, the default before "
                   "issue 14); the filter network without edge smoothing and sharpening (`guide_r=0, sharpen_iter=0`, "
-                  "the default before 2026-12-05); without the sharpening round only (`sharpen_iter=0`, the "
-                  "default before stop 27); on colour images, the filter bank on RGB instead of CIELAB "
-                  "(`colour='rgb'`, the default before stop 28; grey images: —, the same); and the filter bank at σ 1–16 "
-                  "instead of σ 1–4 (`sigmas=[1, 2, 4, 8, 16]`, the default before stop 28):", "",
+                  "added on 2026-12-05); without the sharpening round only (`sharpen_iter=0`, added at stop 27); "
+                  "on colour images, the filter bank on RGB instead of CIELAB "
+                  "(`colour='rgb'`, added at stop 28; grey images: —, the same); and the filter bank at σ 1–16 "
+                  "instead of σ 1–4 (`sigmas=[1, 2, 4, 8, 16]`, changed at stop 28):", "",
                   "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | RGB filters mIoU | σ 1–16 mIoU "
                   "| default mIoU | raw CNN s | no edge smoothing s | no sharpening s | RGB filters s | σ 1–16 s | default s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

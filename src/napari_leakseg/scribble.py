@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from .core.device import resolve_device, seed_everything
 from .core.errors import InputError, JobCancelled, LeaksegError, ModelFileError
+from .core.filters import DEFAULT_SIGMAS
 from .core.jobs import Progress, Throttle, run_job
 from .core.labels import check_labels, smallest_uint
 from .core.modelcheck import ModelSpec, Param, build_model as checked_model, check_value
@@ -122,7 +123,7 @@ class SegmentConfig:
 # the mean IoU rose on photos, cells, ISBI, FIB-SEM gala and ovule walls and fell slightly on FIB-SEM
 # medulla (tuning draws, then the benchmark).
 
-SINGLE_CLASS_SIGMAS = (1.0, 2.0, 4.0, 8.0, 16.0)  # filters config with strokes of one class (or none)
+SINGLE_CLASS_SIGMAS = DEFAULT_SIGMAS  # sigma 1-16: filters config with strokes of one class (or none)
 
 CONFIGS = {
     # scribbles: a per-pixel network on an ilastik-style filter bank (issue 14), trained with the DFC

@@ -89,20 +89,43 @@ def available(domain: str) -> bool:
 
 # --------------------------------------------------------------------------- strokes
 def _stroke(region: np.ndarray, rng: np.random.Generator, taken: np.ndarray, width: int = 3):
-    """One skeleton piece of ``region``, 30-60 px long, ``width`` px wide, avoiding ``taken``."""
+    """One skeleton piece of ``region``, 30-60 px long, ``width`` px wide, avoiding ``taken``.
+
+    The skeleton is that of the region eroded by 2 px (strokes keep off the boundary), unless the piece
+    drawn on it is shorter than 30 px: a thin region (a 3-5 px membrane) erodes to a few blobs, whose
+    skeleton fragments gave 3-17 px ticks on the thick spots instead of strokes along the membrane. Then
+    the piece is drawn again on the skeleton of the region itself (its parts of at least 30 px)."""
     from scipy import ndimage as ndi
     from skimage.morphology import skeletonize
 
     inner = ndi.binary_erosion(region, iterations=2)
     if inner.sum() < 30:
         inner = region
-    sk = skeletonize(inner) & ~taken
-    ys, xs = np.nonzero(sk)
-    if ys.size == 0:
-        return np.zeros_like(region)
-    length = int(rng.integers(30, 61))
-    i = int(rng.integers(ys.size))
-    # walk the skeleton graph (8-connected) from the start point, breadth first, up to `length` px
+    length = None
+    for base in (inner, region):
+        sk = skeletonize(base) & ~taken
+        if base is region and inner is not region:  # the retry: skeleton parts long enough for a stroke
+            lab, _ = ndi.label(sk, structure=np.ones((3, 3)))
+            sizes = np.bincount(lab.ravel())
+            sizes[0] = 0
+            sk = sizes[lab] >= 30 if (sizes >= 30).any() else sk
+        ys, xs = np.nonzero(sk)
+        if ys.size == 0:
+            return np.zeros_like(region)
+        if length is None:
+            length = int(rng.integers(30, 61))
+        seen, count = _walk(sk, ys, xs, int(rng.integers(ys.size)), length)
+        if count >= 30 or inner is region:
+            break
+    if width > 1:
+        seen = ndi.binary_dilation(seen, iterations=(width - 1) // 2) & region
+    return seen
+
+
+def _walk(sk: np.ndarray, ys, xs, i: int, length: int):
+    """Breadth-first walk of the 8-connected skeleton from pixel ``i``, up to ``length`` px: (mask, px)."""
+    from scipy import ndimage as ndi
+
     lab, _ = ndi.label(sk, structure=np.ones((3, 3)))
     comp = lab == lab[ys[i], xs[i]]
     seen = np.zeros_like(sk)
@@ -121,9 +144,7 @@ def _stroke(region: np.ndarray, rng: np.random.Generator, taken: np.ndarray, wid
                         nxt.append((yy, xx))
                         count += 1
         frontier = nxt
-    if width > 1:
-        seen = ndi.binary_dilation(seen, iterations=(width - 1) // 2) & region
-    return seen
+    return seen, count
 
 
 def draw_strokes(shape, targets, seed: int) -> np.ndarray:

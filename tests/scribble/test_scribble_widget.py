@@ -80,6 +80,16 @@ def test_widget_preview_stop_refine(make_napari_viewer, qtbot, monkeypatch):
     assert w.last_result.n_iter <= base.n_iter
     assert w.last_result.state["metadata"]["arch"] == base.state["metadata"]["arch"]
     assert base.state["metadata"]["arch"]["guide_r"] == 8 == w.edge_smoothing.value
+    assert base.state["metadata"]["arch"]["colour"] == "lab" and not w.colour.native.isHidden()  # RGB
+
+    # 3b) the RGB filter bank instead of Lab: a new model, saved as such
+    w.colour.value = "RGB"
+    assert w.run()
+    _wait(qtbot, w)
+    assert not w.last_warm
+    assert w.last_result.state["metadata"]["arch"]["colour"] == "rgb"
+    assert (viewer.layers[OUT].data[:, :28] == 1).mean() > 0.8
+    w.colour.value = "Lab"
 
     # 4) edge smoothing off: a new model (no refine across settings), without the guided filter
     w.edge_smoothing.value = 0
@@ -99,6 +109,7 @@ def test_widget_stack_whole_and_bad_scribbles(make_napari_viewer, qtbot):
     viewer.add_image(stack, name="stack")
     w = ScribbleWidget(viewer)
     w.device_combo.value = "cpu"
+    assert w.colour.native.isHidden()  # grey: no colour space to choose
     scr = w.scribbles.value
     assert scr.data.shape == stack.shape
     scr.data[0, 16, 2:16] = 1

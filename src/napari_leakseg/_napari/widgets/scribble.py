@@ -62,13 +62,19 @@ class ScribbleWidget(JobWidget):
             value=8, min=0, max=64, label="edge smoothing (px)",
             tooltip="with scribbles: smooth the class map within this many pixels along the image's own edges "
                     "(guided filter); 0 = off. Changing it starts a new model"))
+        self.colour = self.add(ComboBox(
+            choices=["Lab", "RGB"], value="Lab", label="colour space",
+            tooltip="colour images, with scribbles: compute the filters on CIELAB (lightness and two colour axes, "
+                    "closer to how colours look) or on the R, G, B channels. Changing it starts a new model"))
         self.refine = self.add(CheckBox(value=True, text="refine: continue from the current model"))
         self.run_button = self.add_button("Run", self.run, "train on the image (and strokes) and segment it")
         self.reset_button = self.add_button("Reset model", self.reset_model, runs_job=False)
         self.save_button = self.add_button("Save model", self._save_clicked, runs_job=False)
         self.finish_layout()
         self.image.changed.connect(lambda *_: self.ensure_scribble_layer())
+        self.image.changed.connect(self._colour_visible)
         self.ensure_scribble_layer()
+        self._colour_visible()
 
     # ------------------------------------------------------------------ helpers
     def output_layer_names(self) -> list[str]:
@@ -77,6 +83,10 @@ class ScribbleWidget(JobWidget):
     def export_provenance(self) -> dict:
         meta = (self.state or {}).get("metadata", {})
         return {"capability": "scribble", "arch": meta.get("arch"), "train": meta.get("train")}
+
+    def _colour_visible(self, *_):
+        img = self.image.value
+        self.colour.visible = bool(img is not None and getattr(img, "rgb", False))
 
     def _stop_by_changed(self, *_):
         tb = self.stop_by.value == "time budget"
@@ -137,12 +147,13 @@ class ScribbleWidget(JobWidget):
         except LeaksegError as e:
             notify_error(f"{self.title}: {e}")
             return False
-        key = (layer.name, self.scope.value, self.config.value, int(self.edge_smoothing.value))
+        colour = self.colour.value.lower()
+        key = (layer.name, self.scope.value, self.config.value, int(self.edge_smoothing.value), colour)
         warm = self.state if (self.refine.value and self.state is not None and self._state_key == key) else None
         n_seg = int(self.n_segments.value) or None
         kw = dict(n_segments=n_seg, seed=int(self.seed.value), device=self.device, warm_start=warm,
                   classes_only=bool(self.classes_only.value), config=self.config.value,
-                  rgb=bool(img.rgb), stack=stack, guide_r=int(self.edge_smoothing.value))
+                  rgb=bool(img.rgb), stack=stack, guide_r=int(self.edge_smoothing.value), colour=colour)
         if not self.stop_early.value:
             kw.update(stop_change=0.0, min_labels_stop=False)
         if self.stop_by.value == "time budget":

@@ -8,7 +8,8 @@ seeds), in the same run, on every domain of ``scribble_domains.DOMAINS``. leakse
 
 Also: speed at 512² grey and 481×321 RGB (first preview, final result, one more stroke with a
 warm start), and a stack (strokes on one slice of ``em/fibsem_medulla``, one model for the
-whole stack, against the forest trained on the same slice).
+whole stack, against the forest trained on the same slice), and every slice of each EM stack with
+one stroke draw per slice (``--parts allslices``: the EM verdicts on whole stacks, not on 4 slices).
 
 Run under the shared lock::
 
@@ -68,6 +69,36 @@ def run_domains(domains, draws, offset, limit, overrides):
                   f"({np.median([r['leakseg_s'] for r in sub]):.2f} s)  forest {np.mean([r['forest'] for r in sub]):.3f} "
                   f"({np.median([r['forest_s'] for r in sub]):.2f} s)", flush=True)
     return rows
+
+
+EM_DOMAINS = ("isbi2012", "fibsem_medulla", "fibsem_gala_test", "ovule_confocal")
+
+
+def run_all_slices(domains):
+    """Every slice of each EM stack, one stroke draw each (seed 1000 + slice: draws that no tuning saw),
+    leakseg and the forest on the same strokes: the domain verdict on the whole stack, not on 4 slices."""
+    from scribble_domains import _em_cases, em_slices
+
+    out = []
+    for d in domains:
+        if d not in EM_DOMAINS or not available(d):
+            continue
+        rows = []
+        for dom, name, img, cls, targets in _em_cases(d, slices=em_slices(d)):
+            k = 1000 + int(name.lstrip("z"))
+            scr = draw_strokes(cls.shape, targets, seed=k)
+            fp, _ = forest(img, scr, seed=k)
+            lp, _, _ = leakseg(img, scr)
+            rows.append((mean_iou(lp, cls), mean_iou(fp, cls)))
+        v = np.asarray(rows)
+        dv = v[:, 0] - v[:, 1]
+        out.append({"domain": d, "slices": len(v), "leakseg": float(v[:, 0].mean()), "forest": float(v[:, 1].mean()),
+                    "delta": float(dv.mean()), "delta_se": float(dv.std(ddof=1) / np.sqrt(len(dv))),
+                    "won": int((dv > 0).sum())})
+        o = out[-1]
+        print(f"{d:18s} all {o['slices']} slices: leakseg {o['leakseg']:.3f} forest {o['forest']:.3f} "
+              f"Δ {o['delta']:+.3f} ± {o['delta_se']:.3f} (won {o['won']})", flush=True)
+    return out
 
 
 def run_variant(domains, draws, method, label, **kw):
@@ -269,6 +300,15 @@ def write_doc(res):
                   f"scored on the other slices: leakseg {st['leakseg_miou']:.3f} (one model, {st['leakseg_s_median']:.1f} s "
                   f"for the stack) vs forest {st['forest_miou']:.3f} ({st['forest_s_median']:.1f} s); ids consistent "
                   f"across slices: {all(r['ids_consistent'] for r in st['rows'])}."]
+    if res.get("all_slices"):
+        lines += ["", "Every slice of each EM stack, one stroke draw per slice (seeds 1000 + slice, never used for "
+                  "tuning), same strokes for both (Δ ± standard error of the mean over slices):", "",
+                  "| stack | slices | leakseg mIoU | forest mIoU | Δ | slices won | target (Δ ≥ 0.03) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in res["all_slices"]:
+            lines.append(f"| {r['domain']} | {r['slices']} | {r['leakseg']:.3f} | {r['forest']:.3f} | "
+                         f"{r['delta']:+.3f} ± {r['delta_se']:.3f} | {r['won']} of {r['slices']} | "
+                         f"{'met' if r['delta'] >= 0.03 else '**missed**'} |")
     lines += ["", "<!-- notes -->", res.get("notes", ""), ""]
     DOC.write_text("\n".join(lines))
 
@@ -280,7 +320,7 @@ def main(argv=None):
     ap.add_argument("--draw-offset", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="images per domain (default all)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (tuning)")
-    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,nolab,nosmall,speed,stack")
+    ap.add_argument("--parts", default="domains,raw,noguide,nosharpen,nolab,nosmall,speed,stack,allslices")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args(argv)
     overrides = {}
@@ -312,13 +352,15 @@ def main(argv=None):
         res["speed"] = run_speed()
     if "stack" in parts and available("fibsem_medulla"):
         res["stack"] = run_stack(a.draws)
+    if "allslices" in parts:
+        res["all_slices"] = run_all_slices(a.domains.split(","))
     if "domains" in parts:
         res["minutes"] = (time.time() - t0) / 60
     else:  # a partial run keeps the main run's machine, load and duration lines
         for k in ("machine", "load"):
             res.pop(k, None)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("rows", "summary", "speed", "stack", "without_filters", "without_guide", "without_sharpen", "without_lab", "without_small_scales", "minutes",
+    for k in ("rows", "summary", "speed", "stack", "all_slices", "without_filters", "without_guide", "without_sharpen", "without_lab", "without_small_scales", "minutes",
               "load", "machine"):  # parts not run now keep their last results
         if k not in res and k in old:
             res[k] = old[k]

@@ -17,7 +17,7 @@ from scribble_scoring import DATA, load_bsds
 
 DOMAINS = ("bsds500", "u373", "isbi2012", "fibsem_medulla", "fibsem_gala_test", "ovule_confocal")
 U373_FRAMES = (10, 22, 41, 59, 85)  # gold-truth frames of PhC-C2DH-U373 seq 02
-EM_SLICES = (3, 17)                 # slices of each EM stack (both exist in every stack)
+EM_SLICES = (3, 10, 17, 24)         # slices of each EM stack (all exist in every stack; 10 and 24 since stop 29)
 
 
 # --------------------------------------------------------------------------- data
@@ -61,10 +61,18 @@ def _em_membrane(stack: str, z: int):
     return img, mem
 
 
-def _em_cases(stack, limit=None):
+def em_slices(stack: str) -> list[int]:
+    """Every slice index of an EM stack that has both an image and its membrane truth."""
+    root = DATA / "em" / stack
+    if stack == "isbi2012":
+        return sorted(int(p.stem) for p in (root / "image").glob("*.png") if (root / "label" / p.name).exists())
+    return sorted(int(p.stem[1:]) for p in (root / "image").glob("z*.png") if (root / "membrane" / p.name).exists())
+
+
+def _em_cases(stack, limit=None, slices=None):
     from scipy import ndimage as ndi
 
-    for z in EM_SLICES[:limit]:
+    for z in (EM_SLICES if slices is None else slices)[:limit]:
         img, mem = _em_membrane(stack, z)
         cls = np.where(mem, 1, 2).astype(np.uint8)  # 1 = membrane, 2 = interior
         cells, n = ndi.label(~mem)

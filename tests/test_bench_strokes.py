@@ -33,7 +33,8 @@ def test_strokes_follow_thin_membranes():
         for _ in range(4):
             s = scribble_domains._stroke(mem, rng, taken)
             assert s.any() and not (s & ~mem).any()  # on the membrane only
-            # a piece along the membrane, not a tick on a thick spot: its centre line is 30-60 px long
+            # a piece along the membrane, not a tick on a thick spot: 30-60 px walked, of which the
+            # skeleton of the 3 px wide stroke keeps at least 25 (it loses a pixel or two at the ends)
             length = int(skeletonize(s).sum())
             assert length >= 25, length
             taken |= s

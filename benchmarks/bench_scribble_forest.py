@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from scribble_domains import DOMAINS, available, cases, draw_strokes, forest, mean_iou  # noqa: E402
+from scribble_domains import DOMAINS, EM_STACKS, available, cases, draw_strokes, forest, mean_iou  # noqa: E402
 
 RESULTS = HERE / "results" / "scribble_vs_forest.json"
 DOC = REPO / "docs" / "benchmarks" / "scribble_forest.md"
@@ -71,9 +71,6 @@ def run_domains(domains, draws, offset, limit, overrides):
     return rows
 
 
-EM_DOMAINS = ("isbi2012", "fibsem_medulla", "fibsem_gala_test", "ovule_confocal")
-
-
 def run_all_slices(domains):
     """Every slice of each EM stack, one stroke draw each (seed 1000 + slice: draws that no tuning saw),
     leakseg and the forest on the same strokes: the domain verdict on the whole stack, not on 4 slices."""
@@ -81,7 +78,7 @@ def run_all_slices(domains):
 
     out = []
     for d in domains:
-        if d not in EM_DOMAINS or not available(d):
+        if d not in EM_STACKS or not available(d):
             continue
         rows = []
         for dom, name, img, cls, targets in _em_cases(d, slices=em_slices(d)):
@@ -148,7 +145,9 @@ def run_without_lab(domains, draws):
 def run_without_small_scales(domains, draws):
     """'Without the new idea' of stop 28 (second change): the filter bank at sigma 1, 2, 4, 8 and 16
     instead of 1, 1.5, 2, 3 and 4."""
-    return run_variant(domains, draws, "leakseg_sigma_1_16", "sigma 1-16", sigmas=[1.0, 2.0, 4.0, 8.0, 16.0])
+    from napari_leakseg.core.filters import DEFAULT_SIGMAS
+
+    return run_variant(domains, draws, "leakseg_sigma_1_16", "sigma 1-16", sigmas=list(DEFAULT_SIGMAS))
 
 
 def summarise(rows):
@@ -266,11 +265,8 @@ def write_doc(res):
                      f"{Fr['seconds_median']:.2f} | {L['seconds_median'] / max(Fr['seconds_median'], 1e-9):.1f}× | "
                      f"{'met' if delta >= 0.03 else '**missed**'} |")
     if res.get("without_filters"):
-        ng = {r["domain"]: r for r in res.get("without_guide", [])}
-        ns = {r["domain"]: r for r in res.get("without_sharpen", [])}
-        nl = {r["domain"]: r for r in res.get("without_lab", [])}
-        nb = {r["domain"]: r for r in res.get("without_small_scales", [])}
-        nan = {"miou": float("nan"), "seconds_median": float("nan")}
+        # columns: the parts' results by domain; a domain a part does not run shows "—" (RGB filters on grey)
+        cols = [{r["domain"]: r for r in res.get(k, [])} for k in WITHOUT_KEYS]
         lines += ["", "Without the new ideas (same strokes; each column is today's default with one idea taken out, "
                   "so it is not the older default itself): the raw-image CNN (`config='fast'`, the default before "
                   "issue 14); the filter network without edge smoothing and sharpening (`guide_r=0, sharpen_iter=0`, "
@@ -281,14 +277,12 @@ def write_doc(res):
                   "| domain | raw CNN mIoU | no edge smoothing mIoU | no sharpening mIoU | RGB filters mIoU | σ 1–16 mIoU "
                   "| default mIoU | raw CNN s | no edge smoothing s | no sharpening s | RGB filters s | σ 1–16 s | default s |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in res["without_filters"]:
-            L = next((x for x in s if x["domain"] == r["domain"] and x["method"] == "leakseg"), nan)
-            g, h, c = ng.get(r["domain"], nan), ns.get(r["domain"], nan), nl.get(r["domain"])
-            cm, cs = (f"{c['miou']:.3f}", f"{c['seconds_median']:.2f}") if c else ("—", "—")
-            b = nb.get(r["domain"], nan)
-            lines.append(f"| {r['domain']} | {r['miou']:.3f} | {g['miou']:.3f} | {h['miou']:.3f} | {cm} | {b['miou']:.3f} | "
-                         f"{L['miou']:.3f} | {r['seconds_median']:.2f} | {g['seconds_median']:.2f} | "
-                         f"{h['seconds_median']:.2f} | {cs} | {b['seconds_median']:.2f} | {L['seconds_median']:.2f} |")
+        for d in cols[0]:
+            row = [c.get(d) for c in cols] + [next((x for x in s if x["domain"] == d and x["method"] == "leakseg"),
+                                                   None)]
+            miou = [f"{r['miou']:.3f}" if r else "—" for r in row]
+            secs = [f"{r['seconds_median']:.2f}" if r else "—" for r in row]
+            lines.append("| " + " | ".join([d] + miou + secs) + " |")
     if res.get("speed"):
         lines += ["", "Speed (medians of " + str(next(iter(res["speed"].values()))["repeats"]) + " runs, in process):", "",
                   "| image | first preview (s) | final result (s) | one more stroke, warm start (s) |", "|---|---|---|---|"]
@@ -311,6 +305,13 @@ def write_doc(res):
                          f"{'met' if r['delta'] >= 0.03 else '**missed**'} |")
     lines += ["", "<!-- notes -->", res.get("notes", ""), ""]
     DOC.write_text("\n".join(lines))
+
+
+#: "without the new idea" parts, in the order of the table's columns: --parts name → (results key, runner)
+WITHOUT_PARTS = {"raw": ("without_filters", run_without_filters), "noguide": ("without_guide", run_without_guide),
+                 "nosharpen": ("without_sharpen", run_without_sharpen), "nolab": ("without_lab", run_without_lab),
+                 "nosmall": ("without_small_scales", run_without_small_scales)}
+WITHOUT_KEYS = [key for key, _ in WITHOUT_PARTS.values()]
 
 
 def main(argv=None):
@@ -338,16 +339,9 @@ def main(argv=None):
     if "domains" in parts:
         res["rows"] = run_domains(a.domains.split(","), a.draws, a.draw_offset, a.limit, overrides)
         res["summary"] = summarise(res["rows"])
-    if "raw" in parts:
-        res["without_filters"] = run_without_filters(a.domains.split(","), a.draws)
-    if "noguide" in parts:
-        res["without_guide"] = run_without_guide(a.domains.split(","), a.draws)
-    if "nosharpen" in parts:
-        res["without_sharpen"] = run_without_sharpen(a.domains.split(","), a.draws)
-    if "nolab" in parts:
-        res["without_lab"] = run_without_lab(a.domains.split(","), a.draws)
-    if "nosmall" in parts:
-        res["without_small_scales"] = run_without_small_scales(a.domains.split(","), a.draws)
+    for part, (key, runner) in WITHOUT_PARTS.items():
+        if part in parts:
+            res[key] = runner(a.domains.split(","), a.draws)
     if "speed" in parts:
         res["speed"] = run_speed()
     if "stack" in parts and available("fibsem_medulla"):
@@ -360,7 +354,7 @@ def main(argv=None):
         for k in ("machine", "load"):
             res.pop(k, None)
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    for k in ("rows", "summary", "speed", "stack", "all_slices", "without_filters", "without_guide", "without_sharpen", "without_lab", "without_small_scales", "minutes",
+    for k in ("rows", "summary", "speed", "stack", "all_slices", *WITHOUT_KEYS, "minutes",
               "load", "machine"):  # parts not run now keep their last results
         if k not in res and k in old:
             res[k] = old[k]

@@ -15,7 +15,8 @@ import numpy as np
 
 from scribble_scoring import DATA, load_bsds
 
-DOMAINS = ("bsds500", "u373", "isbi2012", "fibsem_medulla", "fibsem_gala_test", "ovule_confocal")
+EM_STACKS = ("isbi2012", "fibsem_medulla", "fibsem_gala_test", "ovule_confocal")  # membrane vs interior
+DOMAINS = ("bsds500", "u373") + EM_STACKS
 U373_FRAMES = (10, 22, 41, 59, 85)  # gold-truth frames of PhC-C2DH-U373 seq 02
 EM_SLICES = (3, 10, 17, 24)         # slices of each EM stack (all exist in every stack; 10 and 24 since stop 29)
 
@@ -109,31 +110,37 @@ def _stroke(region: np.ndarray, rng: np.random.Generator, taken: np.ndarray, wid
     inner = ndi.binary_erosion(region, iterations=2)
     if inner.sum() < 30:
         inner = region
-    length = None
-    for base in (inner, region):
-        sk = skeletonize(base) & ~taken
-        if base is region and inner is not region:  # the retry: skeleton parts long enough for a stroke
-            lab, _ = ndi.label(sk, structure=np.ones((3, 3)))
-            sizes = np.bincount(lab.ravel())
-            sizes[0] = 0
-            sk = sizes[lab] >= 30 if (sizes >= 30).any() else sk
-        ys, xs = np.nonzero(sk)
-        if ys.size == 0:
+    sk = skeletonize(inner) & ~taken
+    if not sk.any():
+        return np.zeros_like(region)
+    length = int(rng.integers(30, 61))
+    seen, count = _walk(sk, int(rng.integers(int(sk.sum()))), length)
+    if count < 30 and inner is not region:  # a tick on a thick spot: redraw on the region's own skeleton
+        sk = _long_parts(skeletonize(region) & ~taken)
+        if not sk.any():
             return np.zeros_like(region)
-        if length is None:
-            length = int(rng.integers(30, 61))
-        seen, count = _walk(sk, ys, xs, int(rng.integers(ys.size)), length)
-        if count >= 30 or inner is region:
-            break
+        seen, count = _walk(sk, int(rng.integers(int(sk.sum()))), length)
     if width > 1:
         seen = ndi.binary_dilation(seen, iterations=(width - 1) // 2) & region
     return seen
 
 
-def _walk(sk: np.ndarray, ys, xs, i: int, length: int):
-    """Breadth-first walk of the 8-connected skeleton from pixel ``i``, up to ``length`` px: (mask, px)."""
+def _long_parts(sk: np.ndarray, min_px: int = 30) -> np.ndarray:
+    """The 8-connected parts of skeleton ``sk`` with at least ``min_px`` pixels (all of it if none has)."""
     from scipy import ndimage as ndi
 
+    lab, _ = ndi.label(sk, structure=np.ones((3, 3)))
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return sizes[lab] >= min_px if (sizes >= min_px).any() else sk
+
+
+def _walk(sk: np.ndarray, i: int, length: int):
+    """Breadth-first walk of the 8-connected skeleton from its ``i``-th pixel (row-major), up to ``length``
+    px: (mask, px)."""
+    from scipy import ndimage as ndi
+
+    ys, xs = np.nonzero(sk)
     lab, _ = ndi.label(sk, structure=np.ones((3, 3)))
     comp = lab == lab[ys[i], xs[i]]
     seen = np.zeros_like(sk)

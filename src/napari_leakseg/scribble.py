@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 MAX_CLASS_ID = 255
+COLOURS = ("rgb", "lab")  # colour spaces of the filter bank (RGB images): SegmentConfig.colour, arch
 
 
 # --------------------------------------------------------------------------- config
@@ -96,7 +97,7 @@ class SegmentConfig:
     smooth: float = 0.0              # Gaussian sigma applied to the input (pixels, full res)
     coords: float = 0.0              # weight of (y, x) position channels added to the input (0 = none)
     input: str = "raw"               # "raw": the image itself (3x3 convs); "filters": a multiscale filter bank
-    sigmas: tuple = (1.0, 2.0, 4.0, 8.0, 16.0)  # filter-bank scales (input="filters")
+    sigmas: tuple = DEFAULT_SIGMAS   # filter-bank scales (input="filters")
     hidden: int = 32                 # hidden width of the per-pixel network (input="filters")
     features: str = "full"           # filter-bank feature set (core.filters.FEATURE_SETS): "full" or "basic"
     guide_r: int = 0                 # filters: edge-preserving smoothing of the class probabilities (guided
@@ -195,7 +196,7 @@ class FilterNet(nn.Module):
     a per-pixel classifier lacks, without crossing the edges the features see.
     """
 
-    def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=(1.0, 2.0, 4.0, 8.0, 16.0),
+    def __init__(self, in_channels: int, q: int = 32, hidden: int = 32, sigmas=DEFAULT_SIGMAS,
                  features: str = "full", guide_r: int = 0, guide_pcs: int = 0, guide_eps: float = 0.1,
                  colour: str = "rgb"):
         super().__init__()
@@ -310,7 +311,7 @@ MODEL_SPEC = ModelSpec(
           "hidden": Param("int", 1, 4096), "sigmas": Param("floats", 0.1, 64),
           "features": Param("str", choices=("full", "basic")), "guide_r": Param("int", 0, 256),
           "guide_pcs": Param("int", 0, 64), "guide_eps": Param("float", 1e-6, 1e6),
-          "colour": Param("str", choices=("rgb", "lab"))},
+          "colour": Param("str", choices=COLOURS)},
     required=("in_channels", "q"), defaults={"padding_mode": "replicate"},
     build=build_model, check=_check_saved,
     activation=lambda a: (6 * a["q"] + (a.get("hidden", 0) or 0) * 2
@@ -575,7 +576,7 @@ def _check_settings(cfg: SegmentConfig, n_segments, time_budget) -> None:
     if not (isinstance(cfg.sharpen_iter, (int, np.integer)) and cfg.sharpen_iter >= 0):
         raise LeaksegError(f"sharpening (sharpen_iter) must be 0 (off) or a number of iterations, "
                            f"got {cfg.sharpen_iter}")
-    if cfg.colour not in ("rgb", "lab"):
+    if cfg.colour not in COLOURS:
         raise LeaksegError(f"colour must be 'lab' (filter bank on CIELAB) or 'rgb', got {cfg.colour!r}")
     if not cfg.sharpen_sim > 0:
         raise LeaksegError(f"sharpen_sim must be positive, got {cfg.sharpen_sim}")

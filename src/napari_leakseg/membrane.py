@@ -23,6 +23,12 @@ forgotten after training; they are *references* at prediction time.
   retrieved and their attention outputs averaged. A compact *reference bank*
   (sampled key embeddings + labels of every crop) of the training images is
   saved with the model, so a saved model predicts without extra inputs.
+* The user's references are also read pixel by pixel (``ref_head``, on by default):
+  a small per-pixel head (``core.pixel_head``) is fitted in about a second to the
+  references' labels, on a multiscale filter bank of the image plus the network's
+  membrane probability, and gives the final probability. On stacks the network
+  never saw, this is what makes the references pay off (the attention alone adds
+  little there; see docs/benchmarks.md, membrane cross-stack).
 * Optional feedback refinement (``feedback=True``): the membrane probability is
   fed back as a second input channel and the network runs again.
 
@@ -60,6 +66,7 @@ from .core.jobs import Progress, Throttle, run_job
 from .core.labels import check_labels
 from .core.modelcheck import ModelSpec, Param, build_model as checked_model, unet_activation
 from .core.normalize import check_image, normalize, percentile_range
+from .core.pixel_head import PixelHead
 from .core.predictor import Predictor
 from .core.tiling import iter_tiled, pad_to_multiple
 from .core.unet import UNet
@@ -71,6 +78,7 @@ DEFAULT_ARCH = dict(base=16, depth=3, norm="group", use_reference=True, feedback
 
 _EPS = 1e-4
 _MAX_SCALE = 40.0
+HEAD_SIGMAS = (1.0, 2.0, 4.0, 8.0)  # filter bank of the reference head
 
 __all__ = [
     "MembraneNet",
@@ -958,7 +966,8 @@ class MembranePredictor:
 
     def __init__(self, trained: TrainedMembrane, device="auto", n_refs: int = 4,
                  feedback_iters: Optional[int] = None, tile: int = 512, overlap: int = 32,
-                 scale: Optional[float] = None, invert: Optional[bool] = None, use_references: bool = True):
+                 scale: Optional[float] = None, invert: Optional[bool] = None, use_references: bool = True,
+                 ref_head: bool = True):
         self.trained = trained
         self.device = resolve_device(device)
         self.model = trained.model.to(self.device).eval()
@@ -985,6 +994,9 @@ class MembranePredictor:
         self.ref_width: Optional[float] = None
         #: membrane F1 on the references at each candidate scale (empty when no choice was made)
         self.scale_scores: dict = {}
+        #: fit a per-pixel head to the references given with set_references (None until then)
+        self.ref_head = bool(ref_head)
+        self.head: Optional[PixelHead] = None
 
     def set_references(self, images, labels, membrane_value: Optional[int] = None, crop: int = 128,
                        estimate_scale: bool = True, choose_scale: bool = True):
@@ -996,9 +1008,21 @@ class MembranePredictor:
         thicker than the membranes in the image), so the scale is chosen among the measured
         one, 1 (the image as it is) and their geometric mean by how well each reproduces
         the references' own labels (membrane F1 on the reference images;
-        :attr:`scale_scores`)."""
+        :attr:`scale_scores`).
+
+        With ``ref_head`` the references' labels also fit the per-pixel head that gives the
+        final probability (:meth:`fit_head`)."""
         mv = self.trained.metadata.get("membrane_value", 1) if membrane_value is None else membrane_value
         pairs, self.ref_ranges = prepare_references(images, labels, mv)
+        self.head = None
+        probs = self._set_scale_and_bank(pairs, crop, estimate_scale, choose_scale)
+        if self.ref_head:
+            self.fit_head(pairs, probs)
+        return self
+
+    def _set_scale_and_bank(self, pairs, crop: int, estimate_scale: bool, choose_scale: bool):
+        """The scale and polarity the references imply (see :meth:`set_references`), and their bank.
+        Returns the references' probabilities at the chosen scale when a choice computed them, else None."""
         W = self.trained.metadata.get("train_width")
         self.scale_scores = {}
         if estimate_scale and W:
@@ -1009,16 +1033,33 @@ class MembranePredictor:
                 self.invert = membrane_polarity(pairs) > 0
             if self.scale_override is None and choose_scale and abs(np.log(self.scale)) > np.log(1.1):
                 candidates = (self.scale, float(np.sqrt(self.scale)), 1.0)
-                banks, scores = [], []
+                banks, scores, probs = [], [], []
                 for s in candidates:
                     self.scale = s
                     banks.append(self._encode(pairs, crop).bank)
-                    scores.append(reference_f1(self, pairs))
+                    probs.append(reference_probabilities(self, pairs))
+                    scores.append(reference_f1(self, pairs, probs=probs[-1]))
                 best = int(np.argmax(scores))  # the first of equals: a tie keeps the measured scale
                 self.scale, self.bank = candidates[best], banks[best]
                 self.scale_scores = {round(s, 4): f for s, f in zip(candidates, scores)}
-                return self
-        return self._encode(pairs, crop)
+                return probs[best]
+        self._encode(pairs, crop)
+        return None
+
+    def fit_head(self, pairs, probs=None) -> None:
+        """Fit the reference head to annotated (normalised image, mask with NaN = unlabelled)
+        pairs: a per-pixel MLP on the filter bank and the network's probability of each image
+        (``probs``, when already computed at the current scale)."""
+        self.head = None
+        if probs is None:
+            probs = reference_probabilities(self, pairs)
+        feats = [_head_features(im, p, self.device) for (im, _), p in zip(pairs, probs)]
+        targets = [torch.from_numpy(np.asarray(m, np.float32)).to(self.device) for _, m in pairs]
+        self.head = PixelHead(seed=self.seed).fit(feats, targets)
+
+    def _head_tile(self, tile: np.ndarray) -> np.ndarray:
+        """(2, h, w) tile of normalised image and network probability → (1, h, w) head probability."""
+        return self.head.predict(_head_features(tile[0], tile[1], self.device))[None].cpu().numpy()
 
     def _encode(self, pairs, crop: int):
         """The reference bank of normalised (image, mask) pairs at the current scale and polarity."""
@@ -1067,25 +1108,65 @@ class MembranePredictor:
         if abs(self.scale - 1) < 0.02:
             out = yield from iter_tiled(self.tile_fn, image[None], tile=self.tile, overlap=self.overlap,
                                         preprocess=pre)
-            return out[0]
-        # read at the training scale: zoom the normalised image, predict, zoom the probability back
-        x = ndi.zoom(normalize(np.asarray(image), lohi=lohi), self.scale, order=1)
-        out = yield from iter_tiled(self.tile_fn, x[None], tile=self.tile, overlap=self.overlap)
-        return np.clip(_resize_to(out[0], image.shape), 0, 1)
+            prob = out[0]
+        else:
+            # read at the training scale: zoom the normalised image, predict, zoom the probability back
+            x = ndi.zoom(normalize(np.asarray(image), lohi=lohi), self.scale, order=1)
+            out = yield from iter_tiled(self.tile_fn, x[None], tile=self.tile, overlap=self.overlap)
+            prob = np.clip(_resize_to(out[0], image.shape), 0, 1)
+        if self.head is None:
+            return prob
+        out = yield from iter_tiled(self._head_tile, _HeadInput(image, prob, lohi), tile=self.tile,
+                                    overlap=_HEAD_HALO)
+        return out[0]
 
     def probability(self, image, lohi=None) -> np.ndarray:
         return run_job(self.iter_probability(image, lohi)).value
 
 
-def reference_f1(predictor: "MembranePredictor", pairs, threshold: float = 0.5) -> float:
-    """Pooled membrane F1 of ``predictor`` on annotated (normalised image, mask) pairs,
-    unlabeled (NaN) pixels ignored: how well it reproduces the references' own labels."""
-    tp = fp = fn = 0
+_HEAD_HALO = 32  # tile overlap of the reference head: its filter bank reaches 3 sigma = 24 px
+
+
+def _head_features(img, prob, device) -> torch.Tensor:
+    """(F, Y, X) inputs of the reference head: the filter bank (``HEAD_SIGMAS``) of a normalised
+    image and the network's membrane probability (and its logit)."""
+    from .core.filters import multiscale_features
+
+    x = torch.as_tensor(np.asarray(img, np.float32), device=device)[None, None]
+    p = torch.as_tensor(np.asarray(prob, np.float32), device=device).clamp(_EPS, 1 - _EPS)[None]
+    return torch.cat([multiscale_features(x, HEAD_SIGMAS)[0], torch.logit(p), p])
+
+
+class _HeadInput:
+    """(2, Y, X) view of a raw image (normalised with ``lohi`` when read) and a probability map,
+    read tile by tile by ``iter_tiled``."""
+
+    def __init__(self, image, prob: np.ndarray, lohi):
+        self.image, self.prob, self.lohi = image, prob, lohi
+        self.shape = (2, *prob.shape)
+        self.ndim = 3
+
+    def __getitem__(self, key):
+        _, sy, sx = key
+        return np.stack([normalize(np.asarray(self.image[sy, sx]), lohi=self.lohi), self.prob[sy, sx]])
+
+
+def reference_probabilities(predictor: "MembranePredictor", pairs) -> list:
+    """The predictor's membrane probability of each (normalised image, mask) pair's image."""
     ranges, predictor.ref_ranges = predictor.ref_ranges, []  # already normalised: no intensity warning
     try:
-        probs = [predictor.probability(im, lohi=(0.0, 1.0)) for im, _ in pairs]
+        return [predictor.probability(im, lohi=(0.0, 1.0)) for im, _ in pairs]
     finally:
         predictor.ref_ranges = ranges
+
+
+def reference_f1(predictor: "MembranePredictor", pairs, threshold: float = 0.5, probs=None) -> float:
+    """Pooled membrane F1 of ``predictor`` on annotated (normalised image, mask) pairs,
+    unlabeled (NaN) pixels ignored: how well it reproduces the references' own labels
+    (``probs``: its probabilities of the pairs' images, when already computed)."""
+    tp = fp = fn = 0
+    if probs is None:
+        probs = reference_probabilities(predictor, pairs)
     for (im, m), p in zip(pairs, probs):
         pred = p >= threshold
         lab = ~np.isnan(m)
@@ -1144,7 +1225,7 @@ def iter_predict_membrane(model, images, ref_images=None, ref_labels=None, *,
                           feedback_iters: Optional[int] = None, threshold: float = 0.5,
                           min_size: int = 30, membrane_background: bool = False,
                           device="auto", tile: int = 512, scale: Optional[float] = None,
-                          invert: Optional[bool] = None, use_references: bool = True):
+                          invert: Optional[bool] = None, use_references: bool = True, ref_head: bool = True):
     """Job: predict a 2D image or a stack slice by slice.
 
     ``model``: a :class:`TrainedMembrane`, a model path, or a ``MembranePredictor``.
@@ -1152,7 +1233,8 @@ def iter_predict_membrane(model, images, ref_images=None, ref_labels=None, *,
     membrane width sets the scale the target is read at (``scale`` overrides it: the
     factor the target is zoomed by before the network sees it) and their polarity
     whether it is inverted (``invert`` overrides). ``use_references=False`` runs the
-    network's plain head (no attention over references).
+    network's plain head (no attention over references). ``ref_head=False`` skips the
+    per-pixel head fitted to the given references (:meth:`MembranePredictor.fit_head`).
     Returns a dict with ``probability`` (float32), ``membrane`` (uint8 0/1) and
     ``cells`` (uint32), stacked like the input. A cancelled job returns the
     slices done so far (the rest zero) with ``done`` = number of slices.
@@ -1162,7 +1244,7 @@ def iter_predict_membrane(model, images, ref_images=None, ref_labels=None, *,
     else:
         tm = model if isinstance(model, TrainedMembrane) else load_model(model)
         pred = MembranePredictor(tm, device=device, n_refs=n_refs, feedback_iters=feedback_iters, tile=tile,
-                                 scale=scale, invert=invert, use_references=use_references)
+                                 scale=scale, invert=invert, use_references=use_references, ref_head=ref_head)
     if (ref_images is None) != (ref_labels is None):
         raise InputError("give both reference images and reference labels (or neither)")
     if ref_images is not None:

@@ -57,6 +57,13 @@ def test_cli_train_and_predict(files, capsys):
     m, p, c = tifffile.imread(out), tifffile.imread(prob), tifffile.imread(cells)
     assert m.shape == p.shape == c.shape == (64, 64)
     assert set(np.unique(m)) <= {0, 1} and p.dtype == np.float32 and c.max() >= 1
+    # --no-ref-head: the attention alone (the head fitted to the references changes the probability)
+    prob2 = d / "p_nohead.tif"
+    assert main(["membrane", "predict", "--model", str(model), "--ref-images", str(d / "imgs" / "0.tif"),
+                 "--ref-labels", str(d / "labs" / "0.tif"), "--membrane-value", "0", "--no-ref-head",
+                 str(d / "imgs" / "1.tif"), "--out", str(d / "o2.tif"), "--probability", str(prob2),
+                 "--device", "cpu", "-q"]) == 0
+    assert np.abs(tifffile.imread(prob2) - p).mean() > 1e-3
     # saved references (no --ref-*) and several images into a folder
     od = d / "outdir"
     od.mkdir()

@@ -57,6 +57,13 @@ def test_widget_train_predict_save_load(make_napari_viewer, qtbot, tmp_path):
     assert w.predict()
     _wait(qtbot, w)
     assert viewer.layers["membrane"].data[0].any()
+    # the reference head (on by default) is what the checkbox turns off: the attention alone differs
+    with_head = viewer.layers["membrane probability"].data.copy()
+    w.ref_head.value = False
+    assert w.predict()
+    _wait(qtbot, w)
+    assert np.abs(viewer.layers["membrane probability"].data - with_head).mean() > 1e-3
+    w.ref_head.value = True
     # save / load through the model store
     path = tmp_path / "m.pt"
     assert w.save_model(path) and path.exists()

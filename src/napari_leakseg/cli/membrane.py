@@ -102,6 +102,8 @@ def register(sub) -> None:
                         "membrane width / the references' membrane width, or the model's own)")
     q.add_argument("--no-references", dest="use_references", action="store_false",
                    help="run the plain head, without attention over references")
+    q.add_argument("--no-ref-head", dest="ref_head", action="store_false",
+                   help="do not fit the per-pixel head to --ref-images/--ref-labels (attention only)")
     add_out_arg(q, help="binary membrane mask (.tif/.png/.npy/.zarr); with several IMAGEs an existing folder")
     q.add_argument("--probability", metavar="PATH", help="also write the probability map here (one IMAGE)")
     q.add_argument("--cells", metavar="PATH", help="also write the cell instances here (one IMAGE)")
@@ -219,7 +221,7 @@ def run_predict(args) -> int:
         outs.append(trip)
     tm = M.load_model(args.model)
     pred = M.MembranePredictor(tm, device=args.device, n_refs=args.n_refs, feedback_iters=args.feedback_iters,
-                               scale=args.scale, use_references=args.use_references)
+                               scale=args.scale, use_references=args.use_references, ref_head=args.ref_head)
     refs = None
     if args.ref_images is not None:
         ri, rl = _expand(args.ref_images, "reference image"), _expand(args.ref_labels, "reference labels")

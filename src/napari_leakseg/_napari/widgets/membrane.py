@@ -53,6 +53,10 @@ class MembraneWidget(JobWidget):
         self.ft_seconds = self.add(SpinBox(value=60, min=1, max=3600, label="fine-tune seconds",
                                            tooltip="time budget of 'Fine-tune on these labels'"))
         self.n_refs = self.add(SpinBox(value=4, min=1, max=64, label="references averaged"))
+        self.ref_head = self.add(CheckBox(
+            value=True, text="fit a pixel head to the references",
+            tooltip="a small per-pixel classifier fitted in about a second to the reference labels (filters + "
+                    "the network's probability); uncheck for the attention alone"))
         self.scale = self.add(FloatSpinBox(value=0.0, min=0.0, max=20.0, step=0.1, label="scale (0 = auto)",
                                            tooltip="zoom of the target before the network; 0: from the "
                                                    "references' membrane width (or the model's own)"))
@@ -178,7 +182,8 @@ class MembraneWidget(JobWidget):
             return M.iter_predict_membrane(
                 trained, data, *(refs if refs is not None else (None, None)), membrane_value=mv, scale=scale,
                 n_refs=int(self.n_refs.value), threshold=float(self.threshold.value),
-                min_size=int(self.min_size.value), membrane_background=True, device=self.device)
+                min_size=int(self.min_size.value), membrane_background=True, device=self.device,
+                ref_head=bool(self.ref_head.value))
 
         def on_event(ev):
             self.status.value = ev.message

@@ -1053,8 +1053,8 @@ class MembranePredictor:
         self.head = None
         if probs is None:
             probs = reference_probabilities(self, pairs)
-        feats = [_head_features(im, p, self.device) for (im, _), p in zip(pairs, probs)]
-        targets = [torch.from_numpy(np.asarray(m, np.float32)).to(self.device) for _, m in pairs]
+        rng = np.random.default_rng(self.seed)
+        feats, targets = zip(*[_head_samples(im, p, m, self.device, rng) for (im, m), p in zip(pairs, probs)])
         self.head = PixelHead(seed=self.seed).fit(feats, targets)
 
     def _head_tile(self, tile: np.ndarray) -> np.ndarray:
@@ -1135,6 +1135,36 @@ def _head_features(img, prob, device) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(img, np.float32), device=device)[None, None]
     p = torch.as_tensor(np.asarray(prob, np.float32), device=device).clamp(_EPS, 1 - _EPS)[None]
     return torch.cat([multiscale_features(x, HEAD_SIGMAS)[0], torch.logit(p), p])
+
+
+#: a reference image above this many pixels has its head features computed in row bands, and at
+#: most this many of its labelled pixels (sampled) fit the head: bounded memory for any size
+_HEAD_MAX_PX = 1 << 20
+
+
+def _head_samples(img, prob, mask, device, rng, max_px: int = _HEAD_MAX_PX, band: int = 256):
+    """Features (F, n, 1) and labels (n, 1) that fit the reference head on one reference: the whole
+    image (NaN = unlabelled) when it is small; else up to ``max_px`` sampled labelled pixels, their
+    features computed in row bands of ``band`` rows with the head's halo."""
+    mask = np.asarray(mask, np.float32)
+    Y, X = mask.shape
+    if Y * X <= max_px:
+        return _head_features(img, prob, device), torch.from_numpy(mask).to(device)
+    lab = ~np.isnan(mask)
+    keep = min(1.0, max_px / max(1, int(lab.sum())))
+    fs, ts = [], []
+    for a in range(0, Y, band):
+        b = min(Y, a + band)
+        sel = lab[a:b] & (rng.random((b - a, X)) < keep)
+        if not sel.any():
+            continue
+        lo, hi = max(0, a - _HEAD_HALO), min(Y, b + _HEAD_HALO)
+        f = _head_features(img[lo:hi], prob[lo:hi], device)[:, a - lo:b - lo].reshape(-1, (b - a) * X)
+        fs.append(f[:, torch.from_numpy(np.flatnonzero(sel)).to(device)])
+        ts.append(torch.from_numpy(mask[a:b][sel]))
+    if not fs:
+        raise InputError("no labelled pixels in the reference labels")
+    return torch.cat(fs, 1)[..., None], torch.cat(ts).to(device)[:, None]
 
 
 class _HeadInput:

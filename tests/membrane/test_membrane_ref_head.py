@@ -144,3 +144,26 @@ def test_reference_head_on_a_real_confocal_stack(trained):
         pr = M.MembranePredictor(trained, device=DEVICE, ref_head=head).set_references([ref_img], [ref_lab])
         scores[head] = [f1(pr.probability(im), lab) for im, lab in (load(10), load(17))]
     assert min(scores[True]) > 0.5 and all(a > b + 0.05 for a, b in zip(scores[True], scores[False])), scores
+
+
+def test_large_references_fit_the_head_from_sampled_pixels_in_bands():
+    """Above the size limit the head sees sampled labelled pixels whose features, computed in row
+    bands with a halo, equal those of the whole image."""
+    img, lab = sample(3, (300, 200))
+    norm = M.normalize(img)
+    prob = (lab == 1).astype(np.float32) * 0.8 + 0.1
+    mask = np.where(lab == 1, 1.0, 0.0).astype(np.float32)
+    mask[:50] = np.nan  # unlabelled rows
+    whole_f, whole_t = M._head_samples(norm, prob, mask, "cpu", np.random.default_rng(0))
+    assert whole_f.shape[1:] == img.shape and torch.equal(torch.isnan(whole_t), torch.from_numpy(np.isnan(mask)))
+    f, t = M._head_samples(norm, prob, mask, "cpu", np.random.default_rng(0), max_px=20000, band=64)
+    assert f.shape[1:] == (t.shape[0], 1) and 15000 < t.shape[0] < 25000  # about max_px of 50000 labelled
+    assert not torch.isnan(t).any()  # only labelled pixels
+    # with room for every labelled pixel (50 000) but above the size (60 000): banded, in raster order,
+    # and each pixel's features equal the whole image's (the halo covers the filter bank)
+    f, t = M._head_samples(norm, prob, mask, "cpu", np.random.default_rng(0), max_px=50000, band=64)
+    lab = torch.from_numpy(~np.isnan(mask)).reshape(-1)
+    ref = whole_f.reshape(whole_f.shape[0], -1)[:, lab]
+    assert f.shape == (ref.shape[0], ref.shape[1], 1)
+    assert torch.allclose(f[..., 0], ref, atol=1e-3)
+    assert torch.equal(t[:, 0], whole_t.reshape(-1)[lab])

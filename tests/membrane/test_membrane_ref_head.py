@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,15 +11,8 @@ from napari_leakseg import membrane as M
 from napari_leakseg.core.errors import InputError
 from napari_leakseg.core.pixel_head import PixelHead
 
-DEVICE = os.environ.get("LEAKSEG_TEST_DEVICE", "cpu")
-TINY = dict(epochs=2, steps_per_epoch=6, batch_size=2, crop=64, base=8, depth=2, emb_dim=8,
-            keys_per_ref=32, device=DEVICE, seed=0)
-
-
-def sample(seed, shape=(96, 96)):
-    from napari_leakseg.samples import membranes
-
-    return membranes(shape=shape, n_cells=12, seed=seed)  # labels: 1 membrane, 2 cell
+# the tiny model trained on two synthetic samples (a module fixture), shared with the core tests
+from test_membrane_core import DEVICE, sample, trained  # noqa: F401  (pytest fixture)
 
 
 def unseen(seed):
@@ -39,13 +29,6 @@ def unseen(seed):
 def f1(prob, lab):
     p, t = prob >= 0.5, lab == 1
     return 2 * (p & t).sum() / max(1, p.sum() + t.sum())
-
-
-@pytest.fixture(scope="module")
-def trained():
-    torch.set_num_threads(1)
-    ims, lbs = zip(*[sample(s) for s in (0, 1)])
-    return M.train_membrane(list(ims), list(lbs), membrane_value=1, **TINY)
 
 
 def test_pixel_head_learns_the_labelled_pixels_and_ignores_unlabelled_ones():
@@ -124,18 +107,19 @@ def test_reference_head_ignores_unlabelled_pixels_and_is_tiled(trained):
     assert np.abs(pt - pa).mean() < 0.02 and ((pt >= 0.5) == (pa >= 0.5)).mean() > 0.97
 
 
-OVULE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "em" / "ovule_confocal"
-
-
-@pytest.mark.skipif(not OVULE.is_dir(), reason="../shared/data/em/ovule_confocal is absent")
-def test_reference_head_on_a_real_confocal_stack(trained):
+@pytest.mark.shared_data
+def test_reference_head_on_a_real_confocal_stack(trained, shared_data):
     """A model trained on synthetic dark EM-like walls, given one annotated slice of the real
     ovule stack (bright cell walls, light microscopy): the head lifts F1 on two other slices."""
     import imageio.v3 as iio
 
+    ovule = shared_data / "em" / "ovule_confocal"
+    if not ovule.is_dir():
+        pytest.skip(f"{ovule} is absent")
+
     def load(i):
-        img = iio.imread(OVULE / "image" / f"z{i:03d}.png")
-        mem = iio.imread(OVULE / "membrane" / f"z{i:03d}.png") == 255
+        img = iio.imread(ovule / "image" / f"z{i:03d}.png")
+        mem = iio.imread(ovule / "membrane" / f"z{i:03d}.png") == 255
         return np.asarray(img), np.where(mem, 1, 2).astype(np.uint8)
 
     ref_img, ref_lab = load(3)

@@ -1054,7 +1054,9 @@ class MembranePredictor:
         if probs is None:
             probs = reference_probabilities(self, pairs)
         rng = np.random.default_rng(self.seed)
-        feats, targets = zip(*[_head_samples(im, p, m, self.device, rng) for (im, m), p in zip(pairs, probs)])
+        max_px = max(1 << 12, _HEAD_MAX_PX // len(pairs))  # the same bound for many references together
+        feats, targets = zip(*[_head_samples(im, p, m, self.device, rng, max_px=max_px)
+                               for (im, m), p in zip(pairs, probs)])
         self.head = PixelHead(seed=self.seed).fit(feats, targets)
 
     def _head_tile(self, tile: np.ndarray) -> np.ndarray:
@@ -1137,8 +1139,9 @@ def _head_features(img, prob, device) -> torch.Tensor:
     return torch.cat([multiscale_features(x, HEAD_SIGMAS)[0], torch.logit(p), p])
 
 
-#: a reference image above this many pixels has its head features computed in row bands, and at
-#: most this many of its labelled pixels (sampled) fit the head: bounded memory for any size
+#: the reference head is fitted on at most about this many pixels of all references together: a
+#: larger reference has its features computed in row bands and its labelled pixels sampled
+#: (bounded memory for any size and number of references)
 _HEAD_MAX_PX = 1 << 20
 
 

@@ -151,3 +151,20 @@ def test_large_references_fit_the_head_from_sampled_pixels_in_bands():
     assert f.shape == (ref.shape[0], ref.shape[1], 1)
     assert torch.allclose(f[..., 0], ref, atol=1e-3)
     assert torch.equal(t[:, 0], whole_t.reshape(-1)[lab])
+
+
+def test_many_references_share_one_bound_on_the_pixels_that_fit_the_head(trained, monkeypatch):
+    seen = []
+    fit = PixelHead.fit
+
+    def spy(self, features, targets):
+        seen.append(sum(int(t.numel()) for t in targets))
+        return fit(self, features, targets)
+
+    monkeypatch.setattr(PixelHead, "fit", spy)
+    monkeypatch.setattr(M, "_HEAD_MAX_PX", 20000)
+    refs = [sample(s) for s in (20, 21, 22, 23)]  # 4 × 96² = 36 864 labelled pixels
+    pr = M.MembranePredictor(trained, device="cpu").set_references([r[0] for r in refs], [r[1] for r in refs])
+    assert pr.head is not None and 14000 < seen[-1] < 26000, seen  # about 20 000, not 36 864
+    small = M.MembranePredictor(trained, device="cpu").set_references([refs[0][0]], [refs[0][1]])
+    assert small.head is not None and seen[-1] == 96 * 96  # under the bound: every pixel

@@ -168,3 +168,13 @@ def test_many_references_share_one_bound_on_the_pixels_that_fit_the_head(trained
     assert pr.head is not None and 14000 < seen[-1] < 26000, seen  # about 20 000, not 36 864
     small = M.MembranePredictor(trained, device="cpu").set_references([refs[0][0]], [refs[0][1]])
     assert small.head is not None and seen[-1] == 96 * 96  # under the bound: every pixel
+
+
+def test_pixel_head_prediction_equals_its_network_on_standardised_features():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.normal(3, 2, (5, 30, 20)).astype(np.float32))
+    y = torch.from_numpy((rng.uniform(size=(30, 20)) > 0.5).astype(np.float32))
+    head = PixelHead(steps=10, seed=0).fit([x], [y])
+    with torch.no_grad():
+        ref = torch.sigmoid(head.net((x.reshape(5, -1).T - head.mean) / head.std)[:, 0]).reshape(30, 20)
+    assert torch.allclose(head.predict(x), ref, atol=1e-5)

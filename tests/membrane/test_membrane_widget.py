@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from napari_leakseg import membrane as M
+
 pytestmark = pytest.mark.gui
 
 
@@ -19,7 +21,7 @@ def _wait(qtbot, w, timeout=120_000):
     qtbot.waitUntil(lambda: not w.running, timeout=timeout)
 
 
-def test_widget_train_predict_save_load(make_napari_viewer, qtbot, tmp_path):
+def test_widget_train_predict_save_load(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     from napari_leakseg._napari.widgets.membrane import MembraneWidget
 
     torch.set_num_threads(1)
@@ -57,13 +59,31 @@ def test_widget_train_predict_save_load(make_napari_viewer, qtbot, tmp_path):
     assert w.predict()
     _wait(qtbot, w)
     assert viewer.layers["membrane"].data[0].any()
-    # the reference head (on by default) is what the checkbox turns off: the attention alone differs
+    # Predict again with the same references: their setup (encoding, scale, head) is reused
+    setups = []
+    set_refs = M.MembranePredictor.set_references
+    monkeypatch.setattr(M.MembranePredictor, "set_references",
+                        lambda self, *a, **k: setups.append(1) or set_refs(self, *a, **k))
+    first = w._pred
     with_head = viewer.layers["membrane probability"].data.copy()
+    assert w.predict()
+    _wait(qtbot, w)
+    assert w._pred is first and setups == []
+    np.testing.assert_array_equal(viewer.layers["membrane probability"].data, with_head)
+    # the reference head (on by default) is what the checkbox turns off: the attention alone differs
     w.ref_head.value = False
     assert w.predict()
     _wait(qtbot, w)
+    assert w._pred is not first and setups == [1]
     assert np.abs(viewer.layers["membrane probability"].data - with_head).mean() > 1e-3
     w.ref_head.value = True
+    # edited reference labels are new references
+    old = int(lab_layer.data[0, 0, 0])
+    lab_layer.data[0, 0, 0] = 2 if old != 2 else 1
+    assert w.predict()
+    _wait(qtbot, w)
+    assert setups == [1, 1]
+    lab_layer.data[0, 0, 0] = old
     # save / load through the model store
     path = tmp_path / "m.pt"
     assert w.save_model(path) and path.exists()

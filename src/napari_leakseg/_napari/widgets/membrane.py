@@ -100,6 +100,31 @@ class MembraneWidget(JobWidget):
                         "membranes should have a similar width in pixels")
         return data, lab.data
 
+    def _predictor(self, trained, refs, mv: int):
+        """The predictor for Predict and the references it still has to set up (None when the one
+        kept from the last Predict has exactly these references and settings: encoding them,
+        choosing the scale and fitting the reference head take seconds, predicting a slice less
+        than one). Returns ``(predictor, references or None, cache key)``."""
+        import hashlib
+
+        digest = None
+        if refs is not None:
+            h = hashlib.blake2b(digest_size=16)
+            for a in refs:
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.shape}{a.dtype}".encode())
+                h.update(a.tobytes())
+            digest = h.hexdigest()
+        scale = float(self.scale.value) or None
+        key = (digest, mv, scale, int(self.n_refs.value), bool(self.ref_head.value), str(self.device))
+        cached = getattr(self, "_pred", None)
+        if cached is not None and cached.trained is trained and getattr(self, "_pred_key", None) == key:
+            return cached, None, key
+        self._pred = M.MembranePredictor(trained, device=self.device, n_refs=key[3], scale=scale,
+                                         ref_head=key[4])
+        self._pred_key = None  # valid once a Predict with it has finished
+        return self._pred, refs, key
+
     # ------------------------------------------------------------------ train
     def train(self):
         try:
@@ -176,14 +201,12 @@ class MembraneWidget(JobWidget):
         full_shape = tuple(layer.data.shape[:-1] if layer.rgb else layer.data.shape)
         index = tgt.index
         mv = int(self.membrane_value.value)
-        scale = float(self.scale.value) or None
+        pred, setup, key = self._predictor(trained, refs, mv)
 
         def make():
             return M.iter_predict_membrane(
-                trained, data, *(refs if refs is not None else (None, None)), membrane_value=mv, scale=scale,
-                n_refs=int(self.n_refs.value), threshold=float(self.threshold.value),
-                min_size=int(self.min_size.value), membrane_background=True, device=self.device,
-                ref_head=bool(self.ref_head.value))
+                pred, data, *(setup if setup is not None else (None, None)), membrane_value=mv,
+                threshold=float(self.threshold.value), min_size=int(self.min_size.value), membrane_background=True)
 
         def on_event(ev):
             self.status.value = ev.message
@@ -198,6 +221,8 @@ class MembraneWidget(JobWidget):
                         blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), **kw)
             write_layer(self.viewer, OUT_MEMBRANE, res["membrane"], "labels", **kw)
             write_layer(self.viewer, OUT_CELLS, res["cells"], "labels", **kw)
+            if res["done"] > 0:  # its references are set: the next Predict with the same ones reuses them
+                self._pred_key = key
             self.status.value = f"predicted {res['done']} slice(s)" + (" (stopped)" if cancelled else "")
 
         return self.start_job(make, description="Predicting membranes", on_event=on_event, on_result=on_result)

@@ -72,6 +72,8 @@ class MembraneWidget(JobWidget):
         self.save_button = self.add_button("Save model", self._save_clicked, runs_job=False)
         self.load_button = self.add_button("Load model", self._load_clicked, runs_job=False)
         self.finish_layout()
+        self._pred: Optional[M.MembranePredictor] = None  # kept from the last Predict (see _predictor)
+        self._pred_key: Optional[tuple] = None
 
     # ------------------------------------------------------------------ helpers
     def output_layer_names(self) -> list[str]:
@@ -117,9 +119,8 @@ class MembraneWidget(JobWidget):
             digest = h.hexdigest()
         scale = float(self.scale.value) or None
         key = (digest, mv, scale, int(self.n_refs.value), bool(self.ref_head.value), str(self.device))
-        cached = getattr(self, "_pred", None)
-        if cached is not None and cached.trained is trained and getattr(self, "_pred_key", None) == key:
-            return cached, None, key
+        if self._pred is not None and self._pred.trained is trained and self._pred_key == key:
+            return self._pred, None, key
         self._pred = M.MembranePredictor(trained, device=self.device, n_refs=key[3], scale=scale,
                                          ref_head=key[4])
         self._pred_key = None  # valid once a Predict with it has finished

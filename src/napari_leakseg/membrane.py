@@ -62,6 +62,7 @@ from torch import nn
 from .core import store
 from .core.device import resolve_device, seed_everything
 from .core.errors import InputError, JobCancelled, LeaksegError, ModelFileError
+from .core.filters import multiscale_features
 from .core.jobs import Progress, Throttle, run_job
 from .core.labels import check_labels
 from .core.modelcheck import ModelSpec, Param, build_model as checked_model, unet_activation
@@ -1132,8 +1133,6 @@ _HEAD_HALO = 32  # tile overlap of the reference head: its filter bank reaches 3
 def _head_features(img, prob, device) -> torch.Tensor:
     """(F, Y, X) inputs of the reference head: the filter bank (``HEAD_SIGMAS``) of a normalised
     image and the network's membrane probability (and its logit)."""
-    from .core.filters import multiscale_features
-
     x = torch.as_tensor(np.asarray(img, np.float32), device=device)[None, None]
     p = torch.as_tensor(np.asarray(prob, np.float32), device=device).clamp(_EPS, 1 - _EPS)[None]
     return torch.cat([multiscale_features(x, HEAD_SIGMAS)[0], torch.logit(p), p])

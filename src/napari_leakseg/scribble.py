@@ -428,10 +428,9 @@ _FEATURE_CACHE: dict = {}  # one entry: the last image's filter bank (Refine reu
 
 def _filter_bank(model: "FilterNet", x: torch.Tensor, dev) -> torch.Tensor:
     """Raw multiscale features of (N, C, Y, X) ``x`` on ``dev``, cached for the last image seen."""
-    import hashlib
+    from .core.io import content_digest
 
-    key = (hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest(), tuple(x.shape), model.sigmas,
-           model.feature_set, model.colour, str(dev))
+    key = (content_digest(x.numpy()), model.sigmas, model.feature_set, model.colour, str(dev))
     if key not in _FEATURE_CACHE:
         _FEATURE_CACHE.clear()
         _FEATURE_CACHE[key] = torch.cat([model.bank(x[i:i + 1].to(dev)) for i in range(x.shape[0])])

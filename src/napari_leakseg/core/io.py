@@ -2,7 +2,8 @@
 
 ``imread`` returns numpy for small files and a lazy dask array for ``.zarr``.
 ``imwrite`` never overwrites an existing path unless ``overwrite=True``, and
-writes to a temporary name first, renaming when complete.
+writes to a temporary name first, renaming when complete. ``content_digest`` names
+array contents (cache keys).
 """
 
 from __future__ import annotations
@@ -19,6 +20,18 @@ from .paths import check_input_file, check_store_files, check_target  # noqa: F4
 
 READ_EXT = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
 WRITE_EXT = (".tif", ".tiff", ".png", ".npy", ".zarr")
+
+
+def content_digest(*arrays) -> str:
+    """A short hash of the arrays' shapes, dtypes and contents: equal data, equal digest (cache keys)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.shape}{a.dtype}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _ext(path) -> str:

@@ -18,6 +18,7 @@ from magicgui.widgets import CheckBox, ComboBox, FloatSpinBox, SpinBox
 
 from ... import membrane as M
 from ...core.errors import InputError
+from ...core.io import content_digest
 from ..layers import read_image, read_labels, write_layer
 from ..workers import notify_error, notify_info
 from .base import JobWidget
@@ -107,16 +108,7 @@ class MembraneWidget(JobWidget):
         kept from the last Predict has exactly these references and settings: encoding them,
         choosing the scale and fitting the reference head take seconds, predicting a slice less
         than one). Returns ``(predictor, references or None, cache key)``."""
-        import hashlib
-
-        digest = None
-        if refs is not None:
-            h = hashlib.blake2b(digest_size=16)
-            for a in refs:
-                a = np.ascontiguousarray(a)
-                h.update(f"{a.shape}{a.dtype}".encode())
-                h.update(a.tobytes())
-            digest = h.hexdigest()
+        digest = content_digest(*refs) if refs is not None else None
         scale = float(self.scale.value) or None
         key = (digest, mv, scale, int(self.n_refs.value), bool(self.ref_head.value), str(self.device))
         if self._pred is not None and self._pred.trained is trained and self._pred_key == key:

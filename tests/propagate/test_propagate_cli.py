@@ -96,3 +96,23 @@ def test_cli_shape_mismatch(tmp_path, capsys):
     rc = main(["propagate", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "short.tif"),
                "--out", str(tmp_path / "o.tif"), *FAST])
     assert rc == 2 and "3 frames but the image stack has 5" in capsys.readouterr().err
+
+
+def test_cli_follows_the_annotated_cells_unless_no_follow(tmp_path):
+    stack, lab = _data(tmp_path)
+    yy, xx = np.mgrid[:40, :40]
+    one = np.where(lab[0] * ((yy - 12) ** 2 + (xx - 12) ** 2 < 36), 1, 0).astype(np.uint8)  # only the first cell
+    tifffile.imwrite(tmp_path / "one.tif", np.stack([one] + [np.zeros_like(one)] * (len(lab) - 1)))
+    outs = {}
+    for name, extra in (("follow", []), ("free", ["--no-follow"])):
+        outs[name] = tmp_path / f"{name}.tif"
+        rc = main(["propagate", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "one.tif"), "--instances",
+                   "--out", str(outs[name]), *extra, *FAST])
+        assert rc == 0
+    follow, free = tifffile.imread(outs["follow"]), tifffile.imread(outs["free"])
+    for t in range(1, len(lab)):
+        other = (yy - 28) ** 2 + (xx - (28 - t)) ** 2 < 20  # the cell nobody labelled
+        first = (yy - (12 + t)) ** 2 + (xx - 12) ** 2 < 20
+        assert free[t][other].mean() > 0.8 and follow[t][other].mean() == 0
+        assert follow[t][first].mean() > 0.8
+    assert json.loads((tmp_path / "free.tif.json").read_text())["params"]["follow"] is False

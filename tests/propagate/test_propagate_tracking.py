@@ -9,7 +9,7 @@ from napari_leakseg.propagate import (Propagator, foreground_iou, link_instances
                                       track_instances)
 from napari_leakseg.propagate.corrections import fuse_correction, same_result, suggest_frames
 from napari_leakseg.propagate.flow import flow_propagate, warp_labels
-from napari_leakseg.propagate.pseudo import frame_cues, fuse, one_hot
+from napari_leakseg.propagate.pseudo import follow_objects, frame_cues, fuse, one_hot
 
 FAST = dict(downsample=1, base=8, depth=2, init_steps=60, steps=2, resume_steps=10,
             patch=32, batch=2, lr=3e-3, window=2, seed=0)
@@ -182,3 +182,67 @@ def test_flow_baseline_follows_a_moving_cell():
     shift = np.zeros((2, 48, 48), np.float32)
     shift[1] = -3  # target[y, x] = source[y, x - 3]
     np.testing.assert_array_equal(warp_labels(gt[0], shift)[:, 3:], gt[0][:, :-3])
+
+
+def test_follow_objects_keeps_the_lineage_of_the_annotated_objects():
+    kept_prev = np.zeros((20, 30), bool)
+    kept_prev[2:8, 2:8] = True  # a followed cell
+    dropped_prev = np.zeros_like(kept_prev)
+    dropped_prev[12:18, 20:26] = True  # an object left out before
+    lab = np.zeros((20, 30), np.uint8)
+    lab[3:9, 3:9] = 1  # the followed cell moved by one pixel
+    lab[12:18, 21:27] = 1  # the left-out object moved
+    lab[12:18, 8:14] = 2  # an object that appears from nowhere (class 2 kept as is when followed)
+    out, kept, dropped = follow_objects(lab, kept_prev, dropped_prev)
+    assert out[5, 5] == 1 and kept[5, 5]
+    assert out[15, 23] == 0 and dropped[15, 23]  # stays left out along its own line
+    assert out[15, 10] == 0 and dropped[15, 10]  # new: left out
+    assert not (kept & dropped).any() and ((kept | dropped) == (lab > 0)).all()
+    # a followed cell that touches a left-out object: the one it overlaps more decides
+    lab2 = np.zeros_like(lab)
+    lab2[3:9, 3:20] = 1
+    out2, _, _ = follow_objects(lab2, kept, dropped)
+    assert out2[5, 15] == 1
+    np.testing.assert_array_equal(follow_objects(np.zeros_like(lab), kept, dropped)[0], 0)
+
+
+def entering_cell(T=8, shape=(48, 64), seed=0):
+    """Cell A (annotated in frame 0) drifts right; cell B, identical, enters from the right border at frame 3."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    stack = np.zeros((T,) + shape, np.float32)
+    inst = np.zeros((T,) + shape, np.int32)
+    for t in range(T):
+        img = 0.3 + rng.normal(0, 0.03, shape)
+        for i, (cy, cx) in enumerate([(14, 12 + t), (34, 80 - 4 * t)]):
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 < 64
+            img[m] += 0.45
+            inst[t][m] = i + 1
+        stack[t] = img
+    return stack, inst
+
+
+def test_follow_leaves_an_entering_cell_out_until_the_user_labels_it():
+    stack, inst = entering_cell()
+    lab = np.zeros(inst.shape, np.uint16)
+    lab[0] = inst[0]
+    assert (inst[2] == 2).sum() == 0 and (inst[3] == 2).sum() > 20  # B is in the field from frame 3
+    free = Propagator(stack, lab, device="cpu", instances=True, follow=False, **FAST)
+    free.run("forward")
+    sess = Propagator(stack, lab, device="cpu", instances=True, **FAST)
+    assert sess.follows and not Propagator(stack, lab > 0, device="cpu", **FAST).follows
+    sess.run("forward")
+    for t in range(4, 8):
+        b = inst[t] == 2
+        assert free.labels[t][b].mean() > 0.8  # the network finds B...
+        assert sess.labels[t][b].mean() < 0.05  # ...but following the annotation leaves it out
+        assert foreground_iou(sess.labels[t], inst[t] == 1) > 0.8  # A is followed
+    # the user labels B in frame 4 and resumes: from there B is followed too
+    before = np.array(sess.labels, copy=True)
+    sess.resume(4, direction="forward", labels_t=inst[4])
+    b_found = [sess.labels[t][inst[t] == 2].mean() for t in range(5, 8)]
+    assert min(b_found) > 0.5 and np.mean(b_found) > 0.8  # (frame 5 of this tiny network is its worst)
+    assert np.mean([foreground_iou(sess.labels[t], inst[t] > 0) for t in range(5, 8)]) > 0.8
+    np.testing.assert_array_equal(sess.labels[:4], before[:4])  # frames before the correction are untouched
+    ids = sess.instances(min_size=10)
+    assert len(np.unique(ids[6])) == 3  # background + A + B, each with its own id

@@ -78,6 +78,7 @@ def test_widget_instance_mode_exports_ctc_tracks(make_napari_viewer, qtbot, tmp_
     _wait(qtbot, w)
     lab = viewer.layers[w.OUT_INST].data
     assert lab.shape == stack.shape and lab[0].max() >= 1
+    assert w.session.follows  # instance mode follows the annotated cells by default
     path = w.export_to(tmp_path / "cells.zarr")
     assert path is not None and path.exists()
     ctc = tmp_path / "cells_ctc"
@@ -91,3 +92,5 @@ def test_widget_instance_mode_exports_ctc_tracks(make_napari_viewer, qtbot, tmp_
     before = (ctc / "res_track.txt").read_text()
     assert w.export_to(tmp_path / "cells.zarr") is None
     assert (ctc / "res_track.txt").read_text() == before
+    w.follow.value = False  # the checkbox reaches the session
+    assert not w._new_session().follows

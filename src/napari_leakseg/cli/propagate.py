@@ -38,6 +38,10 @@ def register(sub) -> None:
                    help="instances: 'track' grows each frame's cells from the previous frame's, ids from the "
                         "annotation (default); 'cc'/'watershed' split each frame on its own and link by overlap")
     p.add_argument("--min-size", type=int, default=30, help="smallest instance in pixels (default 30)")
+    p.add_argument("--no-follow", dest="follow", action="store_false",
+                   help="instances: also label objects that no annotated cell leads to (cells entering the field, "
+                        "debris). By default the walk follows the annotated cells only; a new cell is followed "
+                        "from a frame where you label it")
     p.add_argument("--ctc-dir", default=None,
                    help="also write Cell Tracking Challenge results (mask%%03d.tif + res_track.txt) here "
                         "(implies --instances)")
@@ -72,6 +76,8 @@ def run(args) -> int:
     params = {k: v for k, v in dict(tau=args.tau, steps=args.steps, init_steps=args.init_steps,
                                         window=args.window, downsample=args.downsample,
                                         seed=args.seed).items() if v is not None}
+    if not args.follow:
+        params["follow"] = False
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.work-") as work:
         lazy = not isinstance(stack, np.ndarray)
         lab_out = conf_out = None

@@ -42,6 +42,8 @@ class PropagateParams:
     converge: int = 3           #: a resume stops after this many frames equal to the previous result
     reach: int = 12             #: a resume follows a correction's change this far per frame (px, full res);
                                 #: outside it the previous result is kept (0 = recompute whole frames)
+    follow: Optional[bool] = None  #: keep only objects linked frame to frame to the anchors' objects
+                                #: (None = in instance mode; see :func:`.pseudo.follow_objects`)
     seed: int = 0
 
     def check(self) -> "PropagateParams":
@@ -56,6 +58,8 @@ class PropagateParams:
             raise InputError("patch must be ≥ 2**depth and batch ≥ 1")
         if not (0.0 < float(self.decay) <= 1.0):
             raise InputError(f"decay must be in (0, 1], got {self.decay}")
+        if self.follow is not None and not isinstance(self.follow, (bool, np.bool_)):
+            raise InputError(f"follow must be true, false or None (automatic), got {self.follow!r}")
         if not (0.0 <= float(self.prior) < 1.0):
             raise InputError(f"prior must be in [0, 1), got {self.prior}")
         return self

@@ -59,3 +59,30 @@ def frame_cues(prob_net: np.ndarray, prior: Optional[np.ndarray], tau: float) ->
     area = max(int(fg.sum()), 1)
     out["uncertain"] = float((low & (fg | low)).sum() / area)
     return out
+
+
+def follow_objects(lab: np.ndarray, kept_prev: np.ndarray, dropped_prev: np.ndarray):
+    """Keep the objects the walk follows: those linked to the previous frame's kept objects.
+
+    An object (a connected component of ``lab > 0``) is kept when it overlaps the
+    previous frame's kept foreground at least as much as the foreground dropped there;
+    one that overlaps neither (a cell entering the field, debris, a structure the
+    annotation left out) is dropped and stays dropped along its own line, until a
+    frame where the user labels it. Cells move a few pixels per frame, so a followed
+    cell always overlaps itself in the previous frame; a dividing cell's daughters
+    both overlap their mother.
+
+    Returns ``(labels, kept, dropped)``: the labels with dropped objects set to
+    background, and the kept and dropped foreground masks (for the next frame).
+    """
+    from scipy import ndimage as ndi
+
+    fg = np.asarray(lab) > 0
+    cc, n = ndi.label(fg)
+    if n == 0:
+        return lab, fg, np.zeros_like(fg)
+    idx = np.arange(1, n + 1)
+    on_kept = np.asarray(ndi.sum(kept_prev, cc, idx))
+    on_dropped = np.asarray(ndi.sum(dropped_prev, cc, idx))
+    keep = np.concatenate([[False], (on_kept > 0) & (on_kept >= on_dropped)])[cc]
+    return np.where(keep, lab, 0).astype(lab.dtype), keep, fg & ~keep

@@ -49,6 +49,10 @@ class PropagateWidget(JobWidget):
                                            tooltip="training steps on the annotated frames"))
         self.instances = self.add(CheckBox(value=False, label="instance mode",
                                            tooltip="split cells and keep their ids through time"))
+        self.follow = self.add(CheckBox(
+            value=True, label="follow annotated cells only",
+            tooltip="instance mode: label only objects linked frame to frame to the annotated cells; a cell "
+                    "entering the field stays background until you label it in one frame and resume"))
         self.forward_button = self.add_button("Forward", lambda: self.run("forward"))
         self.backward_button = self.add_button("Backward", lambda: self.run("backward"))
         self.both_button = self.add_button("Both", lambda: self.run("both"))
@@ -154,9 +158,11 @@ class PropagateWidget(JobWidget):
             raise InputError("no time-lapse selected")
         img = read_image(img_layer, self.viewer, current_slice=False, normalize=False, lazy=True)
         ann = read_labels(self.annotations.value, self.viewer, current_slice=False)
-        sess = Propagator(img.data, ann.data, device=self.device, instances=bool(self.instances.value),
+        instances = bool(self.instances.value)
+        sess = Propagator(img.data, ann.data, device=self.device, instances=instances,
                           tau=float(self.tau.value), steps=int(self.steps.value),
-                          init_steps=int(self.init_steps.value))
+                          init_steps=int(self.init_steps.value),
+                          follow=bool(self.follow.value) if instances else None)
         self.session = sess
         self._source = (img_layer.name, self.annotations.value.name)
         self._last = np.array(sess.labels, copy=True)

@@ -246,3 +246,19 @@ def test_follow_leaves_an_entering_cell_out_until_the_user_labels_it():
     np.testing.assert_array_equal(sess.labels[:4], before[:4])  # frames before the correction are untouched
     ids = sess.instances(min_size=10)
     assert len(np.unique(ids[6])) == 3  # background + A + B, each with its own id
+
+
+def test_a_deletion_fixes_its_frame_and_does_not_unfollow_the_cell_further_on():
+    """A cell half out of the field may be deleted in one frame and wanted again later: a correction's
+    walk keeps following what the correction deleted wherever the re-trained network still finds it."""
+    stack, inst = entering_cell()
+    lab = np.zeros(inst.shape, np.uint16)
+    lab[0] = inst[0]
+    sess = Propagator(stack, lab, device="cpu", instances=True, **FAST)
+    sess.run("forward")
+    a_before = [sess.labels[t][inst[t] == 1].mean() for t in range(4, 8)]
+    assert min(a_before) > 0.8
+    sess.resume(3, direction="forward", labels_t=np.zeros_like(inst[3]))  # A deleted in frame 3
+    assert not sess.labels[3].any()
+    a_after = [sess.labels[t][inst[t] == 1].mean() for t in range(4, 8)]
+    assert min(a_after) > 0.8, a_after

@@ -372,10 +372,18 @@ class Propagator:
         return self.instance_mode if self.params.follow is None else bool(self.params.follow)
 
     def _follow_from(self, t: int):
-        """The follow state after frame ``t`` as it is stored (None when not following)."""
+        """The follow state after frame ``t`` as it is stored (None when not following).
+
+        A correction's walk also follows what the correction deleted: deleting an object in
+        one frame fixes that frame, and it is removed further on only where the re-trained
+        network no longer finds it (a cell that is half out of the field in one frame may be
+        wanted again when it comes in)."""
         if not self.follows:
             return None
         kept = np.asarray(self.labels[t]) > 0
+        diff = self._diff.get(t) if t in self._fresh else None
+        if diff is not None:
+            kept = kept | (diff == 0)
         return (kept,), np.zeros_like(kept)
 
     def _walk(self, chains: list[Chain], recompute: set[int], total: int, done0: int = 0):

@@ -9,10 +9,15 @@ Annotated frames: [0] and [0, 40] (silver instance masks, ids kept), directions
                        instance tracker as ours
   flow                 the nearest anchor's instances warped frame by frame along the
                        TV-L1 optical flow (skimage.registration.optical_flow_tvl1)
-  ours                 pseudo-label propagation with the previous result as a prior,
-                       instances tracked from the annotation's ids
+  ours                 pseudo-label propagation that follows the annotated cells (objects no
+                       annotated cell leads to stay background), instances tracked from the
+                       annotation's ids
   ours_3_corrections   ours, then 3 frames chosen by ``Propagator.suggest`` are replaced by
                        silver and confirmed one after the other, resuming each time
+
+Ablations in ``details`` (same run): ``ours_no_follow`` (the walk labels every object it
+finds, ``follow=False``) and ``train_only_follow`` (train-only's frames passed through the same
+object following along the same walks, without the walk's training).
 
 Scores: ``fg_iou`` = mean foreground IoU vs silver over the frames that were not
 annotated (a corrected frame counts with its IoU, 1.0); ``seg`` = CTC SEG vs gold on
@@ -41,6 +46,7 @@ from napari_leakseg.core.jobs import run_job
 from napari_leakseg.propagate import (Propagator, clean_labels, ctc_seg, foreground_iou, link_scores,
                                       track_instances)
 from napari_leakseg.propagate.flow import flow_propagate
+from napari_leakseg.propagate.pseudo import follow_objects
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LEAKSEG_DATA", REPO / ".." / "shared" / "data")) / "timelapse" / "PhC-C2DH-U373"
@@ -51,7 +57,7 @@ METHODS = ["copy", "train_only", "flow", "ours", "ours_3_corrections"]
 #: skimage's defaults at 1/2 resolution were measured 0.315 vs 0.298 mean IoU with [0], at 2.5× the time)
 FLOW = dict(downsample=4, num_warp=3, num_iter=5)
 #: ours: the settings of the method (PropagateParams); documented in docs/propagate.md
-OURS = dict(min_size=300, steps=2)
+OURS = dict(min_size=300)
 
 
 def load(n_frames: int):
@@ -147,6 +153,17 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
         f"{res['ours']['links_correct']:.3f} ({times['ours']:.2f} s/frame; {trained[0] if trained else 0:.0f} s "
         f"training, {t_inst / T:.3f} s/frame instances)")
 
+    # without the object following (the same base model)
+    free = Propagator(stack, ann, annotated=annotated, device="cpu", instances=True, **{**params, "follow": False})
+    free.trainer.new_model(free.n_classes, free._anchor_pool())
+    free.model.load_state_dict(sess._base_state)
+    free.trainer.keep_base()
+    free.params.resume_steps = 0
+    run_job(free.iter_run(direction))
+    res["ours_no_follow"] = score(np.asarray(free.labels), free.instances(min_size=params.get("min_size", 30) or 30),
+                                  silver, tra, gold, scored)
+    log(f"  ours_no_follow {res['ours_no_follow']['fg_iou']:.3f}")
+
     # train-only: the base model (trained on the annotated frames only) predicts every frame
     live = {k: v.clone() for k, v in sess.model.state_dict().items()}
     sess.model.load_state_dict(sess._base_state)
@@ -163,6 +180,16 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
     sess.model.load_state_dict(live)
     res["train_only"] = score(fg, tinst, silver, tra, gold, scored)
     log(f"  train_only {res['train_only']['fg_iou']:.3f} SEG {res['train_only']['seg']:.3f}")
+    # ... and the same frames through ours' object following, along ours' walks
+    fgf = fg.copy()
+    for ch in sess._chains(set(scored), direction):
+        kept = silver[ch.anchor] > 0
+        dropped = np.zeros_like(kept)
+        for t in ch.frames:
+            fgf[t], kept, dropped = follow_objects(fgf[t], kept, dropped)
+    res["train_only_follow"] = score(fgf, track_instances(fgf, anchors, min_size=params.get("min_size", 30) or 30),
+                                     silver, tra, gold, scored)
+    log(f"  train_only_follow {res['train_only_follow']['fg_iou']:.3f}")
 
     # 3 suggested corrections, simulated with silver
     before = [foreground_iou(sess.labels[k], silver[k]) for k in range(T)]
@@ -354,6 +381,17 @@ def write_md(p, path):
     for r in p["summary"]:
         lines.append(f"| {r['annotated']} | {r['direction']} | {r['method']} | {r['fg_iou']:.3f} | {r['seg']:.3f} | "
                      f"{r['links_correct']:.3f} | {r['s_per_frame']:.2f} |")
+    abl = [(k, d["scores"]) for k, d in p["details"].items() if "ours_no_follow" in d["scores"]]
+    if abl:
+        lines += ["", "Ablations in the same run (fg IoU / SEG / links): `ours_no_follow` = the walk without "
+                  "following the annotated cells; `train_only_follow` = train-only's frames through the same "
+                  "object following, without the walk's training.", "",
+                  "| annotated:direction | ours | ours_no_follow | train_only | train_only_follow |",
+                  "|---|---|---|---|---|"]
+        for k, sc in abl:
+            cells = [f"{sc[m]['fg_iou']:.3f} / {sc[m]['seg']:.3f} / {sc[m]['links_correct']:.3f}"
+                     for m in ("ours", "ours_no_follow", "train_only", "train_only_follow")]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "Corrections (frame chosen → frames recomputed; frames whose IoU went down):", ""]
     for key, d in p["details"].items():
         parts = [f"{c['frame']} → {len(c['recomputed'])} frames, {len(c['lowered'])} lowered"
@@ -369,10 +407,11 @@ def write_md(p, path):
         "Targets: " + ", ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in p["targets"].items()) + ".",
         "",
         "![IoU per frame](images/propagate_iou.png)",
-        "",
     ]
+    # the hand-written notes below the figure are kept
+    notes = path.read_text().split(lines[-1], 1)[1] if path.exists() and lines[-1] in path.read_text() else "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + notes)
 
 
 if __name__ == "__main__":

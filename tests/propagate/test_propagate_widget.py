@@ -73,7 +73,9 @@ def test_widget_flow(make_napari_viewer, qtbot, tmp_path):
 def test_widget_instance_mode_exports_ctc_tracks(make_napari_viewer, qtbot, tmp_path):
     """Instance mode: linked instances layer, and Export writes the CTC tracks beside the store."""
     viewer, w, stack, _ = _setup(make_napari_viewer, n_frames=4, seed=1)
+    assert not w.follow.enabled  # following is an instance-mode setting
     w.instances.value = True
+    assert w.follow.enabled
     assert w.run("forward")
     _wait(qtbot, w)
     lab = viewer.layers[w.OUT_INST].data

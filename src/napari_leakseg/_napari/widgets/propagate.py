@@ -53,6 +53,8 @@ class PropagateWidget(JobWidget):
             value=True, label="follow annotated cells only",
             tooltip="instance mode: label only objects linked frame to frame to the annotated cells; a cell "
                     "entering the field stays background until you label it in one frame and resume"))
+        self.follow.enabled = bool(self.instances.value)  # only instance mode follows cells
+        self.instances.changed.connect(lambda v: setattr(self.follow, "enabled", bool(v)))
         self.forward_button = self.add_button("Forward", lambda: self.run("forward"))
         self.backward_button = self.add_button("Backward", lambda: self.run("backward"))
         self.both_button = self.add_button("Both", lambda: self.run("both"))

@@ -31,24 +31,10 @@ FAST = dict(downsample=1, base=8, depth=2, init_steps=60, steps=2, resume_steps=
 
 
 def timelapse(T=8, shape=(48, 48), seed=0):
-    """Small synthetic time-lapse: the package sample if present, else moving disks."""
-    try:
-        from napari_leakseg.samples import timelapse as sample
+    """Small synthetic time-lapse: the package's moving-cells sample (two cells)."""
+    from napari_leakseg.samples import timelapse as sample
 
-        return sample(n_frames=T, shape=shape, n_cells=2, seed=seed)
-    except (ImportError, TypeError):  # pragma: no cover - before samples.py existed
-        rng = np.random.default_rng(seed)
-        yy, xx = np.mgrid[: shape[0], : shape[1]]
-        stack = np.zeros((T,) + shape, np.uint8)
-        lab = np.zeros((T,) + shape, np.uint16)
-        for t in range(T):
-            img = 0.3 + rng.normal(0, 0.03, shape)
-            for i, (cy, cx) in enumerate([(14 + t, 12 + t), (34, 34 - t)]):
-                m = (yy - cy) ** 2 + (xx - cx) ** 2 < 64
-                img[m] += 0.4
-                lab[t][m] = i + 1
-            stack[t] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-        return stack, lab
+    return sample(n_frames=T, shape=shape, n_cells=2, seed=seed)
 
 
 @pytest.fixture(scope="module")

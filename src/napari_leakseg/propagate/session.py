@@ -23,8 +23,10 @@ walks again from that frame, up to the next anchor — stopping early once the
 walk reproduces the previous result. :meth:`Propagator.suggest` names the frames
 worth checking next.
 
-In instance mode the result is also an instance stack whose ids follow each
-cell (:mod:`.instances`), seeded by the annotated frames' ids.
+In instance mode each walk follows the annotated cells: objects no followed cell
+leads to stay background (:func:`.pseudo.follow_objects`, ``params.follow``). The
+result is also an instance stack whose ids follow each cell (:mod:`.instances`),
+seeded by the annotated frames' ids.
 
 Frames are read one at a time (``stack[t]``), so zarr/dask stacks stay bounded
 in memory; the outputs can be any sliceable arrays (e.g. zarr) via ``out=`` and

@@ -47,6 +47,7 @@ from napari_leakseg.propagate import (Propagator, clean_labels, ctc_seg, foregro
                                       track_instances)
 from napari_leakseg.propagate.flow import flow_propagate
 from napari_leakseg.propagate.pseudo import follow_objects
+from napari_leakseg.propagate.session import FOLLOW_MEMORY
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LEAKSEG_DATA", REPO / ".." / "shared" / "data")) / "timelapse" / "PhC-C2DH-U373"
@@ -183,10 +184,11 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
     # ... and the same frames through ours' object following, along ours' walks
     fgf = fg.copy()
     for ch in sess._chains(set(scored), direction):
-        kept = silver[ch.anchor] > 0
-        dropped = np.zeros_like(kept)
+        recent = (silver[ch.anchor] > 0,)  # the kept objects of the last FOLLOW_MEMORY frames, as in the walk
+        dropped = np.zeros_like(recent[0])
         for t in ch.frames:
-            fgf[t], kept, dropped = follow_objects(fgf[t], kept, dropped)
+            fgf[t], kept, dropped = follow_objects(fgf[t], np.logical_or.reduce(recent), dropped)
+            recent = (recent + (kept,))[-FOLLOW_MEMORY:]
     res["train_only_follow"] = score(fgf, track_instances(fgf, anchors, min_size=params.get("min_size", 30) or 30),
                                      silver, tra, gold, scored)
     log(f"  train_only_follow {res['train_only_follow']['fg_iou']:.3f}")

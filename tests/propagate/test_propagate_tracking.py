@@ -192,7 +192,7 @@ def test_follow_objects_keeps_the_lineage_of_the_annotated_objects():
     lab = np.zeros((20, 30), np.uint8)
     lab[3:9, 3:9] = 1  # the followed cell moved by one pixel
     lab[12:18, 21:27] = 1  # the left-out object moved
-    lab[12:18, 8:14] = 2  # an object that appears from nowhere (class 2 kept as is when followed)
+    lab[12:18, 8:14] = 2  # an object (of class 2) that appears from nowhere
     out, kept, dropped = follow_objects(lab, kept_prev, dropped_prev)
     assert out[5, 5] == 1 and kept[5, 5]
     assert out[15, 23] == 0 and dropped[15, 23]  # stays left out along its own line
@@ -206,8 +206,9 @@ def test_follow_objects_keeps_the_lineage_of_the_annotated_objects():
     np.testing.assert_array_equal(follow_objects(np.zeros_like(lab), kept, dropped)[0], 0)
 
 
-def entering_cell(T=8, shape=(48, 64), seed=0):
-    """Cell A (annotated in frame 0) drifts right; cell B, identical, enters from the right border at frame 3."""
+def entering_cell(T=8, shape=(48, 64), seed=0, hide_a=()):
+    """Cell A (annotated in frame 0) drifts right; cell B, identical, enters from the right border at frame 3.
+    In the frames ``hide_a`` cell A is not in the image (nor in the truth)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     stack = np.zeros((T,) + shape, np.float32)
@@ -215,6 +216,8 @@ def entering_cell(T=8, shape=(48, 64), seed=0):
     for t in range(T):
         img = 0.3 + rng.normal(0, 0.03, shape)
         for i, (cy, cx) in enumerate([(14, 12 + t), (34, 80 - 4 * t)]):
+            if i == 0 and t in hide_a:
+                continue
             m = (yy - cy) ** 2 + (xx - cx) ** 2 < 64
             img[m] += 0.45
             inst[t][m] = i + 1
@@ -262,3 +265,14 @@ def test_a_deletion_fixes_its_frame_and_does_not_unfollow_the_cell_further_on():
     assert not sess.labels[3].any()
     a_after = [sess.labels[t][inst[t] == 1].mean() for t in range(4, 8)]
     assert min(a_after) > 0.8, a_after
+
+
+def test_a_followed_cell_missed_in_one_frame_is_picked_up_again():
+    stack, inst = entering_cell(hide_a=(3,))  # A vanishes from frame 3 only (the network finds nothing there)
+    lab = np.zeros(inst.shape, np.uint16)
+    lab[0] = inst[0]
+    sess = Propagator(stack, lab, device="cpu", instances=True, **FAST)
+    sess.run("forward")
+    assert sess.labels[3][inst[2] == 1].mean() < 0.05
+    for t in range(4, 8):  # linked to frame 2 through the 3-frame memory
+        assert sess.labels[t][inst[t] == 1].mean() > 0.8

@@ -46,8 +46,7 @@ from napari_leakseg.core.jobs import run_job
 from napari_leakseg.propagate import (Propagator, clean_labels, ctc_seg, foreground_iou, link_scores,
                                       track_instances)
 from napari_leakseg.propagate.flow import flow_propagate
-from napari_leakseg.propagate.pseudo import follow_objects
-from napari_leakseg.propagate.session import FOLLOW_MEMORY
+from napari_leakseg.propagate.pseudo import Follow
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LEAKSEG_DATA", REPO / ".." / "shared" / "data")) / "timelapse" / "PhC-C2DH-U373"
@@ -107,6 +106,16 @@ def nearest_copy(silver, annotated, direction):
     return out
 
 
+def start_from(sess, base_state) -> int:
+    """Give ``sess`` an already trained base model (its first run trains no further); returns the
+    ``resume_steps`` it had, to put back."""
+    sess.trainer.new_model(sess.n_classes, sess._anchor_pool())
+    sess.model.load_state_dict(base_state)
+    sess.trainer.keep_base()
+    sess.params.resume_steps, resume_steps = 0, sess.params.resume_steps
+    return resume_steps
+
+
 def run_config(stack, silver, tra, gold, annotated, direction, params, flows, bases, log):
     T = len(stack)
     scored = [t for t in range(T) if t not in annotated]
@@ -130,10 +139,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
     key = tuple(annotated)
     reused = key in bases  # the same anchors and seed give the same base model: train it once
     if reused:
-        sess.trainer.new_model(sess.n_classes, sess._anchor_pool())
-        sess.model.load_state_dict(bases[key][0])
-        sess.trainer.keep_base()
-        sess.params.resume_steps, resume_steps = 0, sess.params.resume_steps
+        resume_steps = start_from(sess, bases[key][0])
     t0 = time.perf_counter()
     trained = []
     run_job(sess.iter_run(direction),
@@ -156,10 +162,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
 
     # without the object following (the same base model)
     free = Propagator(stack, ann, annotated=annotated, device="cpu", instances=True, **{**params, "follow": False})
-    free.trainer.new_model(free.n_classes, free._anchor_pool())
-    free.model.load_state_dict(sess._base_state)
-    free.trainer.keep_base()
-    free.params.resume_steps = 0
+    start_from(free, sess._base_state)
     run_job(free.iter_run(direction))
     res["ours_no_follow"] = score(np.asarray(free.labels), free.instances(min_size=params.get("min_size", 30) or 30),
                                   silver, tra, gold, scored)
@@ -184,11 +187,10 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
     # ... and the same frames through ours' object following, along ours' walks
     fgf = fg.copy()
     for ch in sess._chains(set(scored), direction):
-        recent = (silver[ch.anchor] > 0,)  # the kept objects of the last FOLLOW_MEMORY frames, as in the walk
-        dropped = np.zeros_like(recent[0])
+        follow = Follow(silver[ch.anchor] > 0)  # as in the walk
         for t in ch.frames:
-            fgf[t], kept, dropped = follow_objects(fgf[t], np.logical_or.reduce(recent), dropped)
-            recent = (recent + (kept,))[-FOLLOW_MEMORY:]
+            fgf[t] = follow(fgf[t])
+            follow.advance(fgf[t])
     res["train_only_follow"] = score(fgf, track_instances(fgf, anchors, min_size=params.get("min_size", 30) or 30),
                                      silver, tra, gold, scored)
     log(f"  train_only_follow {res['train_only_follow']['fg_iou']:.3f}")

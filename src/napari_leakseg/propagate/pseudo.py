@@ -86,3 +86,34 @@ def follow_objects(lab: np.ndarray, kept_prev: np.ndarray, dropped_prev: np.ndar
     on_dropped = np.asarray(ndi.sum(dropped_prev, cc, idx))
     keep = np.concatenate([[False], (on_kept > 0) & (on_kept >= on_dropped)])[cc]
     return np.where(keep, lab, 0).astype(lab.dtype), keep, fg & ~keep
+
+
+#: a followed object is linked to the kept objects of this many previous frames (a cell the network
+#: misses in one or two frames is picked up again)
+FOLLOW_MEMORY = 3
+
+
+class Follow:
+    """The objects one walk follows, frame after frame (:func:`follow_objects` with a memory).
+
+    ``follow(lab)`` drops the objects of a frame that are not linked to the objects kept in the
+    last :data:`FOLLOW_MEMORY` frames (what the walk dropped stays dropped); ``advance(final)``
+    records the frame's final labels and returns the dropped foreground that stayed background
+    in them.
+    """
+
+    def __init__(self, kept: np.ndarray, memory: int = FOLLOW_MEMORY):
+        kept = np.asarray(kept, bool)
+        self.recent, self.memory = [kept], int(memory)
+        self.dropped = np.zeros_like(kept)
+        self._pending = self.dropped
+
+    def __call__(self, lab: np.ndarray) -> np.ndarray:
+        out, _, self._pending = follow_objects(lab, np.logical_or.reduce(self.recent), self.dropped)
+        return out
+
+    def advance(self, final: np.ndarray) -> np.ndarray:
+        final = np.asarray(final)
+        self.dropped = self._pending & (final == 0)
+        self.recent = (self.recent + [final > 0])[-self.memory:]
+        return self.dropped

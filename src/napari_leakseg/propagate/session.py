@@ -51,13 +51,8 @@ from . import corrections
 from .common import (ANCHOR, MAX_CLASSES, Chain, PropagateParams, Sample, check_stack, clean_labels,
                      down_image, down_labels, frame, pad_shape, upsample_probs)
 from .instances import iter_track_instances
-from .pseudo import follow_objects, frame_cues, fuse, one_hot, pseudo_sample
+from .pseudo import Follow, frame_cues, fuse, one_hot, pseudo_sample
 from .training import Trainer
-
-
-#: a followed object is linked to the kept objects of this many previous frames (a cell the network
-#: misses in one or two frames is picked up again)
-FOLLOW_MEMORY = 3
 
 
 class Propagator:
@@ -317,15 +312,15 @@ class Propagator:
             return None
         return one_hot(self._anchors[a].target, self.n_classes)
 
-    def _compute_frame(self, t: int, prior, region: Optional[np.ndarray] = None, follow=None):
-        """Predict, fuse, clean and store frame ``t``; returns (labels, conf, sample, probs, region, follow).
+    def _compute_frame(self, t: int, prior, region: Optional[np.ndarray] = None,
+                       follow: Optional[Follow] = None):
+        """Predict, fuse, clean and store frame ``t``; returns (labels, conf, sample, probs, region).
 
         With ``region`` (a resume following a correction's change), the new result is
         taken only where that change reaches (:func:`.corrections.fuse_correction`);
         the returned region is where it is still alive (None without one). With
-        ``follow`` (the previous frame's kept and dropped objects), only the objects
-        linked to the previous frame's are kept (:func:`.pseudo.follow_objects`); the
-        dropped ones are left out of the pseudo-labels.
+        ``follow`` (the walk's :class:`.pseudo.Follow`), only the objects linked to the
+        ones it follows are kept; the dropped ones are left out of the pseudo-labels.
         """
         p = self.params
         img = self._norm_frame(t)
@@ -336,19 +331,18 @@ class Propagator:
         self.uncertain[t], self.disagreement[t] = cues["uncertain"], cues["disagreement"]
         up = upsample_probs(prob, p.downsample, self.shape[1:])
         lab, conf = np.argmax(up, 0).astype(np.uint8), up.max(0)
-        target = dropped = None
+        target = None
         if p.min_size > 0:
             lab = clean_labels(lab, p.min_size)
         if follow is not None:
-            lab, _, dropped = follow_objects(lab, np.logical_or.reduce(follow[0]), follow[1])
+            lab = follow(lab)
         if region is not None:
             lab, taken, region = corrections.fuse_correction(lab, self._old[t], region, p.reach)
             conf = np.where(taken, conf, self._old_conf[t] / 255.0).astype(np.float32)
         if p.min_size > 0 or region is not None or follow is not None:
             target = pad_shape(down_labels(lab, p.downsample), prob.shape[1:], 0)
         if follow is not None:
-            dropped &= lab == 0
-            follow = ((follow[0] + (lab > 0,))[-FOLLOW_MEMORY:], dropped)
+            dropped = follow.advance(lab)
             target = np.where(pad_shape(down_labels(dropped, p.downsample), prob.shape[1:], False), -1,
                               target.astype(np.int64))
         self.labels[t] = lab
@@ -356,7 +350,7 @@ class Propagator:
         self.status[t] = "pseudo"
         # a fused result trains the walk with its own labels and confidence
         conf_ds = None if region is None else pad_shape(down_labels(conf, p.downsample), prob.shape[1:], 0.0)
-        return lab, conf, pseudo_sample(t, img_ds, prob, p.tau, target, conf_ds), prob, region, follow
+        return lab, conf, pseudo_sample(t, img_ds, prob, p.tau, target, conf_ds), prob, region
 
     def _kept_frame(self, t: int):
         """A frame the walk passes without recomputing: its stored result feeds the window."""
@@ -373,8 +367,8 @@ class Propagator:
         by default in instance mode)."""
         return self.instance_mode if self.params.follow is None else bool(self.params.follow)
 
-    def _follow_from(self, t: int):
-        """The follow state after frame ``t`` as it is stored (None when not following).
+    def _follow_from(self, t: int) -> Optional[Follow]:
+        """What a walk follows from frame ``t`` as it is stored (None when not following).
 
         A correction's walk also follows what the correction deleted: deleting an object in
         one frame fixes that frame, and it is removed further on only where the re-trained
@@ -386,7 +380,7 @@ class Propagator:
         diff = self._diff.get(t) if t in self._fresh else None
         if diff is not None:
             kept = kept | (diff == 0)
-        return (kept,), np.zeros_like(kept)
+        return Follow(kept)
 
     def _walk(self, chains: list[Chain], recompute: set[int], total: int, done0: int = 0):
         """Walk the chains; yields a Progress per computed frame. During a resume
@@ -412,7 +406,7 @@ class Propagator:
                     break
                 if t in recompute:
                     fuse_here = region if (region is not None and t in self._old) else None
-                    lab, conf, sample, prior, left, follow = self._compute_frame(t, prior, fuse_here, follow)
+                    lab, conf, sample, prior, left = self._compute_frame(t, prior, fuse_here, follow)
                     region = left if fuse_here is not None else region
                     self._computed.append(t)
                     if self._old is not None and t in self._old:

@@ -7,7 +7,8 @@ import pytest
 
 from napari_leakseg.propagate import (Propagator, foreground_iou, link_instances, link_scores, propagate_ids,
                                       track_instances)
-from napari_leakseg.propagate.corrections import fuse_correction, same_result, suggest_frames
+from napari_leakseg.propagate.corrections import (change_map, drop_slivers, fuse_correction, same_result,
+                                                  suggest_frames)
 from napari_leakseg.propagate.flow import flow_propagate, warp_labels
 from napari_leakseg.propagate.pseudo import follow_objects, frame_cues, fuse, one_hot
 
@@ -128,6 +129,68 @@ def test_fuse_correction_follows_the_change_near_it_and_in_its_direction():
     assert not out[12:16, 20:24].any() and out[5:9, 5:9].sum() == 0 and taken.sum() == 16
 
 
+def test_change_map_of_uint8_labels_marks_unchanged_pixels_minus_one():
+    """Labels arrive as uint8: the change map must still say -1 (not 255) where nothing changed,
+    or every pixel counts as changed and the correction's reach is never grown."""
+    old = np.zeros((20, 20), np.uint8)
+    new = old.copy()
+    new[5:10, 5:10] = 1
+    new[0, 0] = 2
+    d = change_map(new, old)
+    assert d.dtype == np.int16
+    assert (d[5:10, 5:10] == 1).all() and d[0, 0] == 2
+    assert (d >= 0).sum() == 26 and (d[12:, 12:] == -1).all()
+
+
+def test_drop_slivers_keeps_painted_blobs_and_drops_retraced_boundaries():
+    cls = np.full((60, 60), -1, np.int16)
+    cls[5:20, 5:20] = 1                      # a missed cell painted in: kept
+    cls[30:50, 30:32] = 0                    # a boundary moved in by 2 px: dropped
+    cls[40:55, 5:17] = 0                     # a false positive erased: kept
+    cls[25, 5:25] = 1                        # a 1-px line: dropped
+    out = drop_slivers(cls, 7)
+    # (an opening with a disk: a blob's sharp corners go, its body stays)
+    assert (out[7:18, 7:18] == 1).all() and (out[5:20, 5:20] == 1).mean() > 0.9
+    assert (out[42:53, 7:15] == 0).all() and (out[40:55, 5:17] == 0).mean() > 0.9
+    assert (out[30:50, 30:32] == -1).all() and (out[25, 5:25] == -1).all()
+    np.testing.assert_array_equal(drop_slivers(cls, 0), cls)
+    # the same through change_map and fuse_correction
+    old = np.zeros((60, 60), np.uint8)
+    new = old.copy()
+    new[5:20, 5:20] = 1
+    new[25, 5:25] = 1
+    d = change_map(new, old, sliver=7)
+    assert (d[7:18, 7:18] == 1).all() and (d[25] == -1).all()
+    region = np.full(old.shape, -1, np.int16)
+    region[12, 12] = 1
+    out, taken, _ = fuse_correction(new, old, region, reach=30, sliver=7)
+    assert out[7:18, 7:18].all() and not out[25].any() and taken.sum() > 0.9 * 15 * 15
+    out, taken, _ = fuse_correction(new, old, region, reach=30)
+    assert out[25, 5:25].all()
+
+
+def test_a_retraced_boundary_is_not_carried_to_other_frames():
+    """A correction that only moves cell boundaries by a pixel (how two annotators differ) confirms
+    its own frame and leaves every other frame as it was."""
+    from scipy import ndimage as ndi
+
+    from napari_leakseg.samples import timelapse
+
+    stack, inst = timelapse(n_frames=7, shape=(80, 112), n_cells=4, seed=3)
+    lab = np.zeros(inst.shape, np.uint16)
+    lab[0] = inst[0]
+    sess = Propagator(stack, lab, device="cpu", instances=True, **{**FAST, "resume_steps": 10})
+    assert sess.params.sliver == 7
+    sess.run("forward")
+    before = np.array(sess.labels, copy=True)
+    fixed = ndi.binary_dilation(before[3] > 0).astype(np.uint8)  # every boundary one pixel out
+    assert (fixed != before[3]).sum() > 50
+    sess.resume(3, direction="forward", labels_t=fixed)
+    np.testing.assert_array_equal(sess.labels[3], fixed)
+    for t in (1, 2, 4, 5, 6):
+        np.testing.assert_array_equal(sess.labels[t], before[t])
+
+
 def test_a_correction_changes_other_frames_only_where_its_change_can_reach():
     """A resume after a real, local correction: each later frame may differ from its
     previous result only within ``reach`` pixels per frame of what the user changed;
@@ -140,7 +203,9 @@ def test_a_correction_changes_other_frames_only_where_its_change_can_reach():
     lab = np.zeros(inst.shape, np.uint16)
     lab[0] = inst[0]
     reach = 5
-    sess = Propagator(stack, lab, device="cpu", instances=True, reach=reach, **{**FAST, "resume_steps": 20})
+    # (sliver=0: every change counts, however thin; slivers are tested below)
+    sess = Propagator(stack, lab, device="cpu", instances=True, reach=reach, sliver=0,
+                      **{**FAST, "resume_steps": 20})
     sess.run("forward")
     before = np.array(sess.labels, copy=True)
     fixed = (inst[3] > 0).astype(np.uint8)

@@ -42,6 +42,8 @@ class PropagateParams:
     converge: int = 3           #: a resume stops after this many frames equal to the previous result
     reach: int = 12             #: a resume follows a correction's change this far per frame (px, full res);
                                 #: outside it the previous result is kept (0 = recompute whole frames)
+    sliver: int = 7             #: a correction's changes thinner than this (px, full res), e.g. a boundary
+                                #: traced differently, are not carried to other frames (0 = all are)
     follow: Optional[bool] = None  #: keep only objects linked frame to frame to the anchors' objects
                                 #: (None = in instance mode; see :func:`.pseudo.follow_objects`)
     seed: int = 0
@@ -49,7 +51,7 @@ class PropagateParams:
     def check(self) -> "PropagateParams":
         if not (0.0 < float(self.tau) <= 1.0):
             raise InputError(f"tau must be in (0, 1], got {self.tau}")
-        for name in ("steps", "init_steps", "resume_steps", "window", "converge", "reach"):
+        for name in ("steps", "init_steps", "resume_steps", "window", "converge", "reach", "sliver"):
             if int(getattr(self, name)) < 0:
                 raise InputError(f"{name} must be ≥ 0, got {getattr(self, name)}")
         if int(self.downsample) < 1:

@@ -53,6 +53,34 @@ def change(new: np.ndarray, old: np.ndarray) -> float:
     return float(1.0 - min(foreground_iou(new, old), float(np.mean(new == old))))
 
 
+def drop_slivers(cls: np.ndarray, sliver: int) -> np.ndarray:
+    """``cls`` (an int map: -1 = no change, else the class a pixel changed to) without the
+    changes thinner than ``sliver`` pixels: per class, a binary opening with a disk of that
+    diameter. A boundary traced a pixel or two differently is such a sliver; a cell painted
+    in or erased is not."""
+    from scipy import ndimage as ndi
+
+    cls = np.asarray(cls)
+    sliver = int(sliver)
+    changed = cls >= 0
+    if sliver <= 1 or not changed.any():
+        return cls
+    r = sliver // 2
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disk = yy ** 2 + xx ** 2 <= r * r + r
+    keep = np.zeros_like(changed)
+    for c in np.unique(cls[changed]):
+        keep |= ndi.binary_opening(cls == c, structure=disk)
+    return np.where(keep, cls, -1).astype(cls.dtype, copy=False)
+
+
+def change_map(new: np.ndarray, old: np.ndarray, sliver: int = 0) -> np.ndarray:
+    """What confirming ``new`` over ``old`` changed: for each changed pixel the class it was
+    changed to, -1 elsewhere, without the changes thinner than ``sliver`` (:func:`drop_slivers`)."""
+    new, old = np.asarray(new), np.asarray(old)
+    return drop_slivers(np.where(new != old, new.astype(np.int16), np.int16(-1)), sliver)
+
+
 def stop_tolerance(change_: float) -> float:
     """Agreement with the previous result at which a resume's walk stops: once the
     difference is below half of the correction itself (within [0.9, 0.99]) the
@@ -109,7 +137,7 @@ def grow(region: np.ndarray, reach: int) -> np.ndarray:
     return np.where(dist <= reach, region[iy, ix], -1)
 
 
-def fuse_correction(new: np.ndarray, old: np.ndarray, region: np.ndarray, reach: int):
+def fuse_correction(new: np.ndarray, old: np.ndarray, region: np.ndarray, reach: int, sliver: int = 0):
     """Difference-aware fusion of a recomputed frame with its previous result (after
     Cheng et al., "Modular Interactive Video Object Segmentation", CVPR 2021).
 
@@ -120,7 +148,9 @@ def fuse_correction(new: np.ndarray, old: np.ndarray, region: np.ndarray, reach:
     in one frame), and only where it makes the same kind of change: towards the class the
     user painted nearby (a deleted false positive can only shrink further on, a painted
     missing cell only grow). Everywhere else the previous result ``old`` is kept, so the
-    re-trained network's noise cannot touch the rest of the frame.
+    re-trained network's noise cannot touch the rest of the frame. With ``sliver``, changes
+    thinner than that (:func:`drop_slivers`) are not taken either: the re-trained network
+    redrawing a boundary a pixel further in or out is as often wrong as right.
 
     Returns ``(labels, taken, region_next)``: the fused labels, where ``new`` was taken,
     and the region for the next frame (the pixels taken, with their class). An empty
@@ -129,5 +159,7 @@ def fuse_correction(new: np.ndarray, old: np.ndarray, region: np.ndarray, reach:
     new, old = np.asarray(new), np.asarray(old)
     cls = grow(region, reach)
     taken = (cls >= 0) & (new == cls) & (new != old)
+    if sliver > 1:
+        taken = drop_slivers(np.where(taken, cls, -1), sliver) >= 0
     out = np.where(taken, new, old).astype(new.dtype, copy=False)
     return out, taken, np.where(taken, cls, -1)

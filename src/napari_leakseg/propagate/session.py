@@ -182,7 +182,7 @@ class Propagator:
         if self.status[t] != "pending":
             old = np.asarray(self.labels[t])
             ch = corrections.change(lab, old)
-            diff = np.where(lab != old, lab, -1).astype(np.int16)
+            diff = corrections.change_map(lab, old, self.params.sliver)
         self.change[t] = max(ch, self.change.get(t, 0.0)) if t in self._fresh else ch
         if t in self._fresh and t in self._diff:  # confirmed again before its walks ran: both changes count
             prev = self._diff[t]
@@ -337,7 +337,7 @@ class Propagator:
         if follow is not None:
             lab = follow(lab)
         if region is not None:
-            lab, taken, region = corrections.fuse_correction(lab, self._old[t], region, p.reach)
+            lab, taken, region = corrections.fuse_correction(lab, self._old[t], region, p.reach, p.sliver)
             conf = np.where(taken, conf, self._old_conf[t] / 255.0).astype(np.float32)
         if p.min_size > 0 or region is not None or follow is not None:
             target = pad_shape(down_labels(lab, p.downsample), prob.shape[1:], 0)

@@ -304,7 +304,7 @@ def main(argv=None):
     for r in summary:
         print(f"{','.join(map(str, r['annotated'])):<9} {r['direction']:<8} {r['method']:<19} {r['fg_iou']:7.3f} "
               f"{r['seg']:6.3f} {r['links_correct']:6.3f} {r['s_per_frame']:8.3f}")
-    targets = check_targets(summary)
+    targets = check_targets(summary, details)
     print("targets:", json.dumps(targets))
     ceil = None if args.no_ceiling else ceiling(stack, silver, params, log)
     payload = {
@@ -334,6 +334,7 @@ def main(argv=None):
 def write_all(payload):
     out = REPO / "benchmarks" / "results" / "propagate.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    payload["targets"] = check_targets(payload["summary"], payload["details"])
     out.write_text(json.dumps(payload, indent=1))
     plot(payload["details"], REPO / "docs" / "images" / "propagate_iou.png")
     write_md(payload, REPO / "docs" / "benchmarks" / "propagate.md")
@@ -353,14 +354,14 @@ def merge(old: dict, new: dict) -> dict:
     summary += new["summary"]
     summary.sort(key=lambda r: (order.index(f"{','.join(map(str, r['annotated']))}:{r['direction']}"),
                                 METHODS.index(r["method"])))
-    out = {**new, "summary": summary, "details": details, "targets": check_targets(summary),
+    out = {**new, "summary": summary, "details": details, "targets": check_targets(summary, details),
            **({"ceiling": old["ceiling"]} if "ceiling" in old and "ceiling" not in new else {}),
            "total_s": round(old.get("total_s", 0) + new["total_s"], 1),
            "runs": runs + [{**new["machine"], "configs": sorted(keys), "total_s": new["total_s"]}]}
     return out
 
 
-def check_targets(summary) -> dict:
+def check_targets(summary, details=None) -> dict:
     def row(ann, d, m):
         return next((r for r in summary if r["annotated"] == ann and r["direction"] == d and r["method"] == m), None)
 
@@ -376,6 +377,8 @@ def check_targets(summary) -> dict:
         out[f"{tag} <= 1 s/frame"] = o["s_per_frame"] <= 1.0
         c = row(ann, d, "ours_3_corrections")
         out[f"{tag} 3 corrections >= 0.90"] = c["fg_iou"] >= 0.90
+        if details and tag in details:
+            out[f"{tag} no correction lowers another frame"] = not any(c["lowered"] for c in details[tag]["corrections"])
     o = row([0], "forward", "ours")
     if o is not None:
         out["0:forward ours >= 0.85"] = o["fg_iou"] >= 0.85

@@ -116,3 +116,15 @@ def test_cli_follows_the_annotated_cells_unless_no_follow(tmp_path):
         assert free[t][other].mean() > 0.8 and follow[t][other].mean() == 0
         assert follow[t][first].mean() > 0.8
     assert json.loads((tmp_path / "free.tif.json").read_text())["params"]["follow"] is False
+
+
+def test_cli_no_tta_predicts_each_frame_once(tmp_path):
+    stack, lab = _data(tmp_path)
+    outs = {}
+    for name, extra in (("tta", []), ("plain", ["--no-tta"])):
+        outs[name] = tmp_path / f"{name}.tif"
+        rc = main(["propagate", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "labels.tif"),
+                   "--out", str(outs[name]), *extra, *FAST])
+        assert rc == 0
+    assert json.loads((tmp_path / "tta.tif.json").read_text())["params"]["tta"] is True
+    assert json.loads((tmp_path / "plain.tif.json").read_text())["params"]["tta"] is False

@@ -251,6 +251,41 @@ def test_saved_model_predictor(data, tmp_path):
     assert foreground_iou(lab, inst[1]) > 0.6
 
 
+def test_predictions_average_the_four_flips_and_saved_models_predict_the_same(data, tmp_path):
+    """Test-time augmentation: the session's probabilities are the mean of the network's
+    probabilities on the frame's 4 flips (not the plain prediction), and a saved model's
+    predictor (CLI apply, dask) gives the same ones."""
+    import torch
+
+    from napari_leakseg.core import store
+    from napari_leakseg.propagate.training import softmax_tta
+
+    stack, inst = data
+    sess = propagate(stack[:3], first_only(inst[:3]), device=DEVICE, **FAST)
+    assert sess.params.tta is True
+    img = sess._norm_frame(1)
+    p = sess.trainer.predict_ds(img)
+    x = torch.from_numpy(np.ascontiguousarray(img, np.float32))[None, None]
+    model = sess.model.eval()
+    with torch.no_grad():
+        plain = [torch.softmax(model(x.flip(f) if f else x), 1) for f in ((), (-1,), (-2,), (-2, -1))]
+        mean = (plain[0] + plain[1].flip(-1) + plain[2].flip(-2) + plain[3].flip((-2, -1))) / 4
+        assert torch.allclose(softmax_tta(model, x), mean)
+    np.testing.assert_allclose(p, mean[0].numpy(), atol=1e-5)
+    assert np.abs(p - plain[0][0].numpy()).max() > 1e-3  # the flips do change the result
+    sd, meta = store.load(sess.save_model(tmp_path / "m.pt"), capability="propagate")
+    assert meta["train"]["tta"] is True
+    pred = predictor_from_model(sd, meta, device=DEVICE)
+    np.testing.assert_allclose(pred.fn(img[None]), p, atol=1e-5)
+    # a model saved before the option predicted without flips, and still does
+    meta["train"].pop("tta")
+    old = predictor_from_model(sd, meta, device=DEVICE)
+    np.testing.assert_allclose(old.fn(img[None]), plain[0][0].numpy(), atol=1e-5)
+    # tta=False: one plain prediction
+    sess.params.tta = False
+    np.testing.assert_allclose(sess.trainer.predict_ds(img), plain[0][0].numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("case, msg", [
     ("t_mismatch", "frames but the image stack has"),
     ("yx_mismatch", "must match"),

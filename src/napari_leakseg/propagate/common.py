@@ -46,6 +46,7 @@ class PropagateParams:
                                 #: traced differently, are not carried to other frames (0 = all are)
     follow: Optional[bool] = None  #: keep only objects linked frame to frame to the anchors' objects
                                 #: (None = in instance mode; see :func:`.pseudo.follow_objects`)
+    tta: bool = True            #: average each prediction over the image's 4 flips (test-time augmentation)
     seed: int = 0
 
     def check(self) -> "PropagateParams":

@@ -137,10 +137,29 @@ class Trainer:
         def fn(tile):
             x, (h, w) = pad_to_multiple(np.asarray(tile, np.float32), mult)
             with torch.no_grad():
-                y = torch.softmax(model(torch.from_numpy(np.ascontiguousarray(x))[None].to(dev)), 1)
+                y = softmax_tta(model, torch.from_numpy(np.ascontiguousarray(x))[None].to(dev), p.tta)
             return y[0, :, :h, :w].cpu().numpy()
 
         return predict_tiled(fn, img_ds[None], tile=p.tile, overlap=32)
+
+
+#: the flips test-time augmentation averages over (dims of an N×C×Y×X batch)
+FLIPS = ((), (-1,), (-2,), (-2, -1))
+
+
+def softmax_tta(model, x: torch.Tensor, tta: bool = True) -> torch.Tensor:
+    """Class probabilities of ``x`` (N×C×Y×X), averaged over its 4 flips when ``tta``.
+
+    Measured on U373 (benchmarks/bench_propagate.py's harness, frame 0 annotated): +0.0075 fg IoU
+    for the walk and +0.013 for the model trained on the annotated frame only, at 4 forward passes
+    per frame instead of 1 (+0.06 s per frame at 348×260 on 2 cores)."""
+    if not tta:
+        return torch.softmax(model(x), 1)
+    out = 0
+    for f in FLIPS:
+        y = torch.softmax(model(x.flip(f) if f else x), 1)
+        out = out + (y.flip(f) if f else y)
+    return out / len(FLIPS)
 
 
 # --------------------------------------------------------------------------- #
@@ -177,6 +196,7 @@ def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
     model, arch = checked_model(MODEL_SPEC, state_dict, metadata, None, dev)  # one validation step
     f = int(metadata.get("downsample", (metadata.get("train") or {}).get("downsample", 1)))
     mult = model.multiple * f
+    tta = bool((metadata.get("train") or {}).get("tta", False))  # models saved before it predicted without
 
     def fn(tile: np.ndarray) -> np.ndarray:
         x, (h, w) = pad_to_multiple(np.asarray(tile, np.float32), mult)
@@ -184,7 +204,7 @@ def predictor_from_model(state_dict, metadata, device="auto") -> Predictor:
             t = torch.from_numpy(np.ascontiguousarray(x))[None].to(dev)
             if f > 1:
                 t = F.avg_pool2d(t, f)
-            y = torch.softmax(model(t), 1)
+            y = softmax_tta(model, t, tta)
             if f > 1:
                 y = F.interpolate(y, scale_factor=f, mode="bilinear", align_corners=False)
         return y[0, :, :h, :w].float().cpu().numpy()

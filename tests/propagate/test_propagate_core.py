@@ -12,6 +12,7 @@ import pytest
 from napari_leakseg.core.errors import InputError, LeaksegError
 from napari_leakseg.core.jobs import run_job
 from napari_leakseg.propagate import (
+    PropagateParams,
     Propagator,
     ctc_seg,
     export_ctc,
@@ -252,7 +253,7 @@ def test_saved_model_predictor(data, tmp_path):
 
 
 def test_predictions_average_the_four_flips_and_saved_models_predict_the_same(data, tmp_path):
-    """Test-time augmentation: the session's probabilities are the mean of the network's
+    """Test-time augmentation (``tta=True``): the session's probabilities are the mean of the network's
     probabilities on the frame's 4 flips (not the plain prediction), and a saved model's
     predictor (CLI apply, dask) gives the same ones."""
     import torch
@@ -261,8 +262,8 @@ def test_predictions_average_the_four_flips_and_saved_models_predict_the_same(da
     from napari_leakseg.propagate.training import softmax_tta
 
     stack, inst = data
-    sess = propagate(stack[:3], first_only(inst[:3]), device=DEVICE, **FAST)
-    assert sess.params.tta is True
+    assert PropagateParams().tta is False  # off by default: 4 forward passes per frame
+    sess = propagate(stack[:3], first_only(inst[:3]), device=DEVICE, tta=True, **FAST)
     img = sess._norm_frame(1)
     p = sess.trainer.predict_ds(img)
     x = torch.from_numpy(np.ascontiguousarray(img, np.float32))[None, None]

@@ -271,7 +271,7 @@ def test_predictions_average_the_four_flips_and_saved_models_predict_the_same(da
     with torch.no_grad():
         plain = [torch.softmax(model(x.flip(f) if f else x), 1) for f in ((), (-1,), (-2,), (-2, -1))]
         mean = (plain[0] + plain[1].flip(-1) + plain[2].flip(-2) + plain[3].flip((-2, -1))) / 4
-        assert torch.allclose(softmax_tta(model, x), mean)
+        assert torch.allclose(softmax_tta(model, x, True), mean)
     np.testing.assert_allclose(p, mean[0].numpy(), atol=1e-5)
     assert np.abs(p - plain[0][0].numpy()).max() > 1e-3  # the flips do change the result
     sd, meta = store.load(sess.save_model(tmp_path / "m.pt"), capability="propagate")

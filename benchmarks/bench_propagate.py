@@ -123,6 +123,12 @@ def start_from(sess, base_state) -> int:
     return resume_steps
 
 
+def predict_clean(sess, t: int) -> np.ndarray:
+    """Frame ``t`` predicted by the session's current model alone, cleaned as the walk cleans it."""
+    pred = sess.predict_frame(t)[0]
+    return clean_labels(pred, sess.params.min_size) if sess.params.min_size else pred
+
+
 def ceiling(stack, silver, params, log, steps: int = CEILING_STEPS) -> dict:
     """The network with ours' settings trained on every other silver frame, scored on the others."""
     T = len(stack)
@@ -135,13 +141,11 @@ def ceiling(stack, silver, params, log, steps: int = CEILING_STEPS) -> dict:
     sess = Propagator(stack, ann, annotated=train, device="cpu", instances=True, **{**params, "init_steps": steps})
     run_job(sess.iter_run("forward", frames=[]))  # trains on the 50 anchors, walks nothing
 
-    def iou(t):
-        pred = sess.predict_frame(t)[0]
-        return foreground_iou(clean_labels(pred, sess.params.min_size) if sess.params.min_size else pred, silver[t])
+    def mean_iou(frames):
+        return round(float(np.mean([foreground_iou(predict_clean(sess, t), silver[t]) for t in frames])), 4)
 
     out = {"train_frames": f"0, 2, ..., {train[-1]} (silver)", "steps": steps,
-           "fg_iou_heldout": round(float(np.mean([iou(t) for t in held])), 4),
-           "fg_iou_train_frames": round(float(np.mean([iou(t) for t in train])), 4),
+           "fg_iou_heldout": mean_iou(held), "fg_iou_train_frames": mean_iou(train),
            "s": round(time.perf_counter() - t0, 1)}
     log(f"ceiling: trained on {len(train)} silver frames, {out['fg_iou_heldout']:.3f} on the others, "
         f"{out['fg_iou_train_frames']:.3f} on its own")
@@ -209,8 +213,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
         if t in annotated:
             fg[t] = silver[t] > 0
             continue
-        pred = sess.predict_frame(t)[0]
-        fg[t] = clean_labels(pred, sess.params.min_size) if sess.params.min_size else pred
+        fg[t] = predict_clean(sess, t)
     tinst = track_instances(fg, anchors, min_size=params.get("min_size", 30) or 30)
     times["train_only"] = ((trained[0] if trained else 0) + time.perf_counter() - t1) / len(scored)
     sess.model.load_state_dict(live)

@@ -25,6 +25,24 @@ def test_explicit_cuda_fails_clearly():
         device.resolve_device("cuda")
 
 
+def test_fast_layout_is_channels_last_on_cpu_and_changes_no_result():
+    from napari_leakseg.core.unet import UNet
+
+    assert device.fast_layout("cpu") == torch.channels_last
+    assert device.fast_layout(torch.device("cuda")) == torch.channels_last
+    assert device.fast_layout("mps") == torch.contiguous_format  # MPS kernels are not all channels-last
+    torch.manual_seed(0)
+    net = UNet(1, 3, base=4, depth=2, norm="group").eval()
+    x = torch.rand(2, 1, 32, 48)
+    with torch.no_grad():
+        ref = net(x)
+        net = net.to(memory_format=torch.channels_last)
+        assert net.down[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        out = net(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == ref.shape and not torch.equal(ref, torch.zeros_like(ref))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
 def test_unknown_device():
     with pytest.raises(DeviceError, match="unknown device"):
         device.resolve_device("tpu")

@@ -118,10 +118,10 @@ def test_cli_follows_the_annotated_cells_unless_no_follow(tmp_path):
     assert json.loads((tmp_path / "free.tif.json").read_text())["params"]["follow"] is False
 
 
-def test_cli_tta_averages_over_flips_only_when_asked(tmp_path):
+def test_cli_tta_on_by_default_and_off_with_no_tta(tmp_path):
     stack, lab = _data(tmp_path)
     outs = {}
-    for name, extra in (("tta", ["--tta"]), ("plain", [])):
+    for name, extra in (("tta", []), ("plain", ["--no-tta"])):
         outs[name] = tmp_path / f"{name}.tif"
         rc = main(["propagate", str(tmp_path / "stack.tif"), "--labels", str(tmp_path / "labels.tif"),
                    "--out", str(outs[name]), *extra, *FAST])

@@ -262,8 +262,10 @@ def test_predictions_average_the_four_flips_and_saved_models_predict_the_same(da
     from napari_leakseg.propagate.training import softmax_tta
 
     stack, inst = data
-    assert PropagateParams().tta is False  # off by default: 4 forward passes per frame
-    sess = propagate(stack[:3], first_only(inst[:3]), device=DEVICE, tta=True, **FAST)
+    assert PropagateParams().tta is True  # on by default: 4 passes cost ~0.02 s per frame channels-last
+    sess = propagate(stack[:3], first_only(inst[:3]), device=DEVICE, **FAST)
+    if sess.device.type == "cpu":  # the session's network runs channels-last there (core.device.fast_layout)
+        assert sess.model.head.weight.is_contiguous(memory_format=torch.channels_last)
     img = sess._norm_frame(1)
     p = sess.trainer.predict_ds(img)
     x = torch.from_numpy(np.ascontiguousarray(img, np.float32))[None, None]

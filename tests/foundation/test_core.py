@@ -25,11 +25,11 @@ def test_explicit_cuda_fails_clearly():
         device.resolve_device("cuda")
 
 
-def test_fast_layout_is_channels_last_on_cpu_and_changes_no_result():
+def test_fast_layout_is_channels_last_on_cpu_only_and_changes_no_result():
     from napari_leakseg.core.unet import UNet
 
     assert device.fast_layout("cpu") == torch.channels_last
-    assert device.fast_layout(torch.device("cuda")) == torch.channels_last
+    assert device.fast_layout(torch.device("cuda")) == torch.contiguous_format  # not measured on a GPU
     assert device.fast_layout("mps") == torch.contiguous_format  # MPS kernels are not all channels-last
     torch.manual_seed(0)
     net = UNet(1, 3, base=4, depth=2, norm="group").eval()

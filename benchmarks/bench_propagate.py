@@ -160,15 +160,20 @@ def ceiling(stack, silver, params, log, steps: int = CEILING_STEPS) -> dict:
     return out
 
 
-def ours_and_train_only(stack, silver, tra, gold, annotated, direction, params, bases, log):
-    """Ours' walk and train-only (the walk's base model predicting every frame) with ``params``;
-    returns the session, train-only's foreground, their scores and their s/frame."""
+def annotation(stack, silver, annotated):
+    """(T, the scored frames, the label stack given to ours, the anchors' silver instances)."""
     T = len(stack)
     scored = [t for t in range(T) if t not in annotated]
     ann = np.zeros(stack.shape, np.int32)
     for a in annotated:
         ann[a] = silver[a]
-    anchors = {a: silver[a] for a in annotated}
+    return T, scored, ann, {a: silver[a] for a in annotated}
+
+
+def ours_and_train_only(stack, silver, tra, gold, annotated, direction, params, bases, log):
+    """Ours' walk and train-only (the walk's base model predicting every frame) with ``params``;
+    returns the session, train-only's foreground, their scores and their s/frame."""
+    T, scored, ann, anchors = annotation(stack, silver, annotated)
     min_size = params.get("min_size", 30) or 30
     res, times = {}, {}
     sess = Propagator(stack, ann, annotated=annotated, device="cpu", instances=True, **params)
@@ -215,12 +220,7 @@ def ours_and_train_only(stack, silver, tra, gold, annotated, direction, params, 
 
 
 def run_config(stack, silver, tra, gold, annotated, direction, params, flows, bases, log):
-    T = len(stack)
-    scored = [t for t in range(T) if t not in annotated]
-    ann = np.zeros(stack.shape, np.int32)
-    for a in annotated:
-        ann[a] = silver[a]
-    anchors = {a: silver[a] for a in annotated}
+    T, scored, ann, anchors = annotation(stack, silver, annotated)
     res, times = {}, {}
 
     copy = nearest_copy(silver, annotated, direction)

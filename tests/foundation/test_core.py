@@ -36,8 +36,9 @@ def test_fast_layout_is_channels_last_on_cpu_only_and_changes_no_result():
     x = torch.rand(2, 1, 32, 48)
     with torch.no_grad():
         ref = net(x)
+        assert not net.down[0][3].weight.is_contiguous(memory_format=torch.channels_last)  # a 3×3 conv, 4 → 4 channels
         net = net.to(memory_format=torch.channels_last)
-        assert net.down[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+        assert net.down[0][3].weight.is_contiguous(memory_format=torch.channels_last)
         out = net(x.contiguous(memory_format=torch.channels_last))
     assert out.shape == ref.shape and not torch.equal(ref, torch.zeros_like(ref))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)

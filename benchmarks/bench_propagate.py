@@ -32,7 +32,7 @@ frames t and t+1) whose cell carries one predicted id in both frames; ``s_per_fr
 
 Seeds: ``ours`` and ``train_only`` run with seeds 0..``--seeds``-1 (3 by default); their summary
 rows are the medians, each seed's values are in ``details[config]["seeds"]``. One annotated frame
-makes train-only depend a lot on the seed (0.73-0.79 fg IoU measured). The ablations and the
+makes train-only depend a lot on the seed (0.74-0.81 fg IoU in the 03:28 UTC run). The ablations and the
 corrections run with seed 0. Run it under the shared lock:
 
     flock /tmp/leakseg-bench.lock .venv/bin/python benchmarks/bench_propagate.py
@@ -68,7 +68,7 @@ FLOW = dict(downsample=4, num_warp=3, num_iter=5)
 #: ours: the settings of the method (PropagateParams); documented in docs/propagate.md
 OURS = dict(min_size=300)
 #: ours and train-only run with this many seeds (0, 1, ...), the summary gives their medians: train-only
-#: from one frame was measured 0.729 / 0.780 / 0.789 with seeds 1 / 2 / 0, ours 0.844 / 0.839 / 0.841
+#: from one frame was measured 0.814 / 0.737 / 0.806 with seeds 0 / 1 / 2, ours 0.852 / 0.853 / 0.844
 SEEDS = 3
 SEEDED = ("ours", "train_only")
 #: training steps of the ceiling (3× the base model's; 3000 steps were measured 0.857 vs 0.854)

@@ -221,6 +221,7 @@ def ours_and_train_only(stack, silver, tra, gold, annotated, direction, params, 
 
 def run_config(stack, silver, tra, gold, annotated, direction, params, flows, bases, log):
     T, scored, ann, anchors = annotation(stack, silver, annotated)
+    min_size = params.get("min_size", 30) or 30
     res, times = {}, {}
 
     copy = nearest_copy(silver, annotated, direction)
@@ -241,8 +242,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
     free = Propagator(stack, ann, annotated=annotated, device="cpu", instances=True, **{**params, "follow": False})
     start_from(free, sess._base_state)
     run_job(free.iter_run(direction))
-    res["ours_no_follow"] = score(np.asarray(free.labels), free.instances(min_size=params.get("min_size", 30) or 30),
-                                  silver, tra, gold, scored)
+    res["ours_no_follow"] = score(np.asarray(free.labels), free.instances(min_size=min_size), silver, tra, gold, scored)
     log(f"  ours_no_follow {res['ours_no_follow']['fg_iou']:.3f}")
     # ... and the same frames through ours' object following, along ours' walks
     fgf = fg.copy()
@@ -251,8 +251,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
         for t in ch.frames:
             fgf[t] = follow(fgf[t])
             follow.advance(fgf[t])
-    res["train_only_follow"] = score(fgf, track_instances(fgf, anchors, min_size=params.get("min_size", 30) or 30),
-                                     silver, tra, gold, scored)
+    res["train_only_follow"] = score(fgf, track_instances(fgf, anchors, min_size=min_size), silver, tra, gold, scored)
     log(f"  train_only_follow {res['train_only_follow']['fg_iou']:.3f}")
 
     # 3 suggested corrections, simulated with silver
@@ -272,7 +271,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
         before = after
         log(f"  corrected {t}: recomputed {len(corr[-1]['recomputed'])}, lowered {len(lowered)} frames "
             f"(max {max(corr[-1]['lowered'].values(), default=0):.3f})")
-    inst = sess.instances(min_size=params.get("min_size", 30) or 30)
+    inst = sess.instances(min_size=min_size)
     res["ours_3_corrections"] = score(np.asarray(sess.labels), inst, silver, tra, gold, scored)
     times["ours_3_corrections"] = t_corr / max(n_comp, 1)
     log(f"  ours_3_corrections {res['ours_3_corrections']['fg_iou']:.3f}")

@@ -283,7 +283,7 @@ def run_config(stack, silver, tra, gold, annotated, direction, params, flows, ba
     log(f"  ours_no_follow {res['ours_no_follow']['fg_iou']:.3f}")
     # ... and the same frames through ours' object following, along ours' walks
     fgf = fg.copy()
-    for ch in sess._chains(set(scored), direction):
+    for ch in sess.walks(set(scored), direction):
         follow = Follow(silver[ch.anchor] > 0)  # as in the walk
         for t in ch.frames:
             fgf[t] = follow(fgf[t])

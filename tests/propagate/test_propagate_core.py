@@ -340,3 +340,69 @@ def test_odd_sizes_downsampled_and_cleanup():
     a[28:30, 0:2] = 1    # a speck
     b = clean_labels(a, 10)
     assert b[10, 10] == 1 and b[29, 0] == 0 and a[10, 10] == 0  # input not modified
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward", "both"])
+def test_walks_cover_each_frame_once_from_the_anchor_that_owns_it(direction):
+    from napari_leakseg.propagate.walks import owner, plan_walks
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        T = int(rng.integers(2, 30))
+        anchors = sorted(rng.choice(T, size=int(rng.integers(1, min(T, 5) + 1)), replace=False).tolist())
+        frames = {t for t in range(T) if t not in anchors}
+        chains = plan_walks(anchors, T, frames, direction)
+        walked = [t for c in chains for t in c.frames]
+        assert len(walked) == len(set(walked))  # no frame is computed by two walks
+        for c in chains:
+            assert c.anchor in anchors and not set(c.frames) & set(anchors)
+            # a walk goes frame by frame away from its anchor
+            assert c.frames == [c.anchor + c.direction * (k + 1) for k in range(len(c.frames))]
+        for t in frames:
+            want = owner(anchors, t, direction)
+            got = [c.anchor for c in chains if t in c.frames]
+            assert got == ([] if want is None else [want]), (anchors, t, direction)
+        if direction == "both":
+            assert set(walked) == frames  # every frame is reached
+            for c in chains:  # ... from its nearest anchor (ties go forward)
+                for t in c.frames:
+                    assert abs(t - c.anchor) == min(abs(t - a) for a in anchors)
+        # only the walks from `starts`, each cut after the last frame it must compute
+        start = anchors[-1]
+        some = {t for t in frames if owner(anchors, t, direction) == start}
+        part = plan_walks(anchors, T, some, direction, starts={start})
+        assert {t for c in part for t in c.frames} >= some and all(c.anchor == start for c in part)
+        assert all(c.frames[-1] in some for c in part)
+
+
+def test_walks_name_a_bad_direction_and_a_missing_anchor():
+    from napari_leakseg.propagate.walks import plan_walks
+
+    with pytest.raises(InputError, match="direction must be"):
+        plan_walks([0], 5, {1, 2}, "sideways")
+    with pytest.raises(InputError, match="no annotated or confirmed frame"):
+        plan_walks([], 5, {1, 2}, "forward")
+
+
+def test_a_rejected_confirmation_changes_nothing(data):
+    """Labels a session cannot take raise and leave the frame, its status and the anchors' cell ids
+    as they were: a frame wiped to background before the first run, a class the network has no output for."""
+    stack, inst = data
+    lab = np.zeros_like(inst)
+    lab[0] = inst[0]
+    sess = Propagator(stack, lab, annotated=[0], device=DEVICE, instances=True, **FAST)
+    ids = sess._anchor_inst[0].copy()
+    assert len(np.unique(ids)) == 3  # two cells
+    with pytest.raises(InputError, match="only one class"):
+        sess.confirm(0, np.zeros(stack.shape[1:], np.uint8))
+    np.testing.assert_array_equal(sess._anchor_inst[0], ids)
+    np.testing.assert_array_equal(sess.labels[0], inst[0] > 0)
+    assert sess.status[0] == "annotated"
+
+    sem = Propagator(stack, (lab > 0).astype(np.uint8), annotated=[0], device=DEVICE, **FAST)
+    sem.run("forward")
+    before = np.array(sem.labels[3])
+    with pytest.raises(InputError, match="introduces class 2"):
+        sem.confirm(3, np.where(inst[3] > 0, 2, 0).astype(np.uint8))
+    assert sem.status[3] == "pseudo"
+    np.testing.assert_array_equal(sem.labels[3], before)

@@ -3,6 +3,8 @@
 The package is split along the parts of the method:
 
 * :mod:`.common` — parameters, frame IO, resampling, foreground IoU;
+* :mod:`.anchors` — the user's annotations checked: annotated frames, classes to learn;
+* :mod:`.walks` — which frames each walk from an anchor covers, which anchor owns a frame;
 * :mod:`.training` — the U-Net of a session: training on anchors and pseudo frames,
   inference, saved-model predictor;
 * :mod:`.pseudo` — pseudo-labels: the prediction fused with the previous frame's

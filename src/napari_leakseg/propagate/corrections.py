@@ -40,6 +40,13 @@ def resume_frames(status: Sequence[str], t: int, direction: str = "both") -> lis
     return sorted(out)
 
 
+def edited_frames(status: Sequence[str], stored, current) -> list[int]:
+    """Frames where ``current`` (e.g. the napari layer) differs from ``stored`` (the session's
+    last result or anchor): the user painted there. A pending frame counts once anything is painted."""
+    return [t for t in range(len(status))
+            if not np.array_equal(np.asarray(current[t]), np.asarray(stored[t]))]
+
+
 #: a confirmed frame that differs less than this from its previous result changes nothing
 MIN_CHANGE = 0.01
 

@@ -45,14 +45,15 @@ import numpy as np
 from ..core.device import resolve_device
 from ..core.errors import InputError, JobCancelled, LeaksegError
 from ..core.jobs import Progress, run_job
-from ..core.labels import check_labels, smallest_uint
 from ..core.normalize import normalize, percentile_range
 from . import corrections
-from .common import (ANCHOR, MAX_CLASSES, Chain, PropagateParams, Sample, check_stack, clean_labels,
-                     down_image, down_labels, frame, pad_shape, upsample_probs)
+from .anchors import annotated_frames, frame_classes
+from .common import (ANCHOR, Chain, PropagateParams, Sample, check_stack, clean_labels, down_image, down_labels,
+                     frame, pad_shape, upsample_probs)
 from .instances import iter_track_instances
 from .pseudo import Follow, frame_cues, fuse, one_hot, pseudo_sample
 from .training import Trainer
+from .walks import owner, plan_walks
 
 
 class Propagator:
@@ -115,65 +116,22 @@ class Propagator:
 
     # ------------------------------------------------------------------ setup
     def _init_labels(self, labels, annotated):
-        T, Y, X = self.shape
-        lshape = tuple(getattr(labels, "shape", np.shape(labels)))
-        if len(lshape) != 3:
-            raise InputError(f"the label stack must be T×Y×X like the image {self.shape}; got shape {lshape}")
-        if lshape[0] != T:
-            raise InputError(
-                f"the label stack has {lshape[0]} frames but the image stack has {T}; they must match"
-            )
-        if lshape[1:] != (Y, X):
-            raise InputError(
-                f"label frames have shape {lshape[1]}×{lshape[2]} but image frames have shape {Y}×{X}; they must match"
-            )
-        if annotated is None:
-            annotated = []
-            for t in range(T):
-                if np.any(np.asarray(labels[t])):
-                    annotated.append(t)
-        else:
-            annotated = sorted({int(t) for t in annotated})
-            bad = [t for t in annotated if not (0 <= t < T)]
-            if bad:
-                raise InputError(f"annotated frame(s) {bad} are outside the stack (0..{T - 1})")
-        if not annotated:
-            raise InputError("no annotated frame: paint labels on at least one frame (or pass --frames)")
-        for t in annotated:
+        for t in annotated_frames(labels, self.shape, annotated):
             self._set_anchor(t, labels[t], "annotated")
-
-    def _prep_labels(self, lab, t: int, need_two: bool = True) -> np.ndarray:
-        lab = check_labels(lab, self.shape[1:], name=f"labels of frame {t}")
-        if self.instance_mode:
-            ids = np.unique(lab)
-            if ids[ids > 0].size > 1 or set(self._anchor_inst) <= {t}:
-                self._anchor_inst[t] = np.asarray(lab).astype(np.int32)  # the user's cell ids
-            else:
-                self._anchor_inst.pop(t, None)
-            lab = (lab > 0).astype(np.uint8)
-        ids = np.unique(lab)
-        if ids.size < 2 and need_two:
-            raise InputError(
-                f"frame {t} has only one class (label {int(ids[0])}); an annotated frame needs "
-                "background (0) and at least one object class"
-            )
-        if ids.max() >= MAX_CLASSES:
-            raise InputError(
-                f"frame {t} has label values up to {int(ids.max())}; semantic mode supports at most "
-                f"{MAX_CLASSES - 1} classes (for instance masks use instance mode / --instances)"
-            )
-        return smallest_uint(lab)
 
     def _set_anchor(self, t: int, lab, status: str):
         t = int(t)
         # a confirmed frame may hold background only (cells can leave the field)
-        lab = self._prep_labels(lab, t, need_two=status == "annotated" or self.model is None)
+        lab, given = frame_classes(lab, t, self.shape[1:], self.instance_mode,
+                                   need_two=status == "annotated" or self.model is None)
         K = int(lab.max()) + 1
         if self.model is not None and K > self.n_classes:
             raise InputError(
                 f"frame {t} introduces class {K - 1} but the model was trained with {self.n_classes - 1} "
                 "classes; start a new propagation"
             )
+        if self.instance_mode:
+            self._keep_ids(t, given)
         self.n_classes = max(self.n_classes, K)
         f = self.params.downsample
         # how much this changes the frame (a re-confirmed frame whose walks are still due keeps its change)
@@ -194,6 +152,15 @@ class Propagator:
         self.confidence[t] = 255
         self.status[t] = status
         self._fresh.add(t)
+
+    def _keep_ids(self, t: int, ids: np.ndarray) -> None:
+        """Instance mode: the cell ids of anchor ``t`` seed the tracked instances, unless it
+        holds a single id while other anchors have theirs (e.g. a frame painted with one label)."""
+        u = np.unique(ids)
+        if u[u > 0].size > 1 or set(self._anchor_inst) <= {t}:
+            self._anchor_inst[t] = ids.astype(np.int32)
+        else:
+            self._anchor_inst.pop(t, None)
 
     def _norm_frame(self, t: int) -> np.ndarray:
         x = frame(self.stack, t).astype(np.float32)
@@ -273,39 +240,9 @@ class Propagator:
         return np.argmax(up, 0).astype(np.uint8), up.max(0), prob, img_ds
 
     # ------------------------------------------------------------- the walks
-    def _chains(self, frames: set[int], direction: str, starts: Optional[set] = None) -> list[Chain]:
-        """Plan walks from anchors that cover ``frames`` (non-anchor frames); with
-        ``starts``, only the walks from those anchors."""
-        T = self.shape[0]
-        anchors = self.anchors
-        if not anchors:
-            raise InputError("no annotated or confirmed frame to propagate from")
-        if direction not in ("forward", "backward", "both"):
-            raise InputError(f"direction must be forward, backward or both, not {direction!r}")
-        chains: list[Chain] = []
-        bounds = [-1] + anchors + [T]
-        for i in range(1, len(bounds) - 1):
-            a = bounds[i]
-            if starts is not None and a not in starts:
-                continue
-            prev_a, next_a = bounds[i - 1], bounds[i + 1]
-            fwd = list(range(a + 1, next_a))
-            bwd = list(range(a - 1, prev_a, -1))
-            if direction == "both":
-                if next_a < T:  # gap shared with the next anchor: split at the middle
-                    fwd = fwd[: (len(fwd) + 1) // 2]
-                if prev_a >= 0:
-                    bwd = bwd[: len(bwd) // 2]
-            elif direction == "forward":
-                bwd = []
-            else:
-                fwd = []
-            for seq, d in ((fwd, 1), (bwd, -1)):
-                # the chain walks from the anchor up to the last frame it must recompute
-                need = [k for k, t in enumerate(seq) if t in frames]
-                if need:
-                    chains.append(Chain(a, seq[: need[-1] + 1], d))
-        return chains
+    def walks(self, frames: set[int], direction: str, starts: Optional[set] = None) -> list[Chain]:
+        """The walks from the current anchors that cover ``frames`` (:func:`.walks.plan_walks`)."""
+        return plan_walks(self.anchors, self.shape[0], frames, direction, starts)
 
     def _anchor_prior(self, a: int) -> Optional[np.ndarray]:
         if self.params.prior <= 0:
@@ -455,7 +392,7 @@ class Propagator:
             T = self.shape[0]
             targets = set(range(T)) if frames is None else {int(t) for t in frames}
             targets = {t for t in targets if 0 <= t < T and self.status[t] not in ANCHOR}
-            chains = self._chains(targets, direction, None if starts is None else set(starts))
+            chains = self.walks(targets, direction, None if starts is None else set(starts))
             total = sum(1 for c in chains for t in c.frames if t in targets)
             yield from self._train_base(steps, total, "training on anchors")
             n = yield from self._walk(chains, targets, total)
@@ -498,25 +435,13 @@ class Propagator:
             starts = None
             if self.status[t] in ANCHOR:
                 starts = {a for a in self._fresh | {t} if self.change.get(a, 1.0) >= corrections.MIN_CHANGE}
-                frames = [f for f in frames if any(self._owner(f, direction) == a for a in starts)]
+                frames = [f for f in frames if owner(self.anchors, f, direction) in starts]
             res = yield from self.iter_run(direction, frames=frames, starts=starts)
         finally:
             self._old, self._old_conf = None, {}
         self.history[-1]["kind"] = "resume"
         self.history[-1]["from"] = t
         return res
-
-    def _owner(self, f: int, direction: str) -> Optional[int]:
-        """The anchor whose walk computes frame ``f`` (the nearest one in *both* mode)."""
-        an = self.anchors
-        before = [a for a in an if a < f]
-        after = [a for a in an if a > f]
-        if direction == "forward" or (direction == "both" and not after):
-            return before[-1] if before else None
-        if direction == "backward" or not before:
-            return after[0] if after else None
-        gap = list(range(before[-1] + 1, after[0]))
-        return before[-1] if f in gap[: (len(gap) + 1) // 2] else after[0]
 
     def suggest(self, k: int = 1) -> list[int]:
         """The ``k`` pseudo frames most worth checking next (lowest confidence, or the
@@ -534,15 +459,7 @@ class Propagator:
     def edited_frames(self, current_labels) -> list[int]:
         """Frames where ``current_labels`` (e.g. the napari layer) differs from
         the last propagated/anchored version: the user painted there."""
-        out = []
-        for t in range(self.shape[0]):
-            if self.status[t] == "pending":
-                if np.any(np.asarray(current_labels[t]) != np.asarray(self.labels[t])):
-                    out.append(t)
-                continue
-            if not np.array_equal(np.asarray(current_labels[t]), np.asarray(self.labels[t])):
-                out.append(t)
-        return out
+        return corrections.edited_frames(self.status, self.labels, current_labels)
 
     def iter_instances(self, out=None, min_size: int = 30, erode: int = 2):
         """Job generator: instance ids that follow each cell, seeded by the annotated

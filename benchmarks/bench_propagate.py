@@ -122,6 +122,23 @@ def error_parts(fg, silver, scored, near: int = NEAR, lacks: float = LACKS) -> d
     return parts
 
 
+def silver_vs_gold(silver, gold, lacks: float = LACKS) -> dict:
+    """How far the challenge's two annotations agree: silver's foreground IoU against gold on the gold
+    frames, and the frames where a cell of one is (at most ``lacks``) missing from the other."""
+    ious, odd = {}, []
+    for t, g in gold.items():
+        s = silver[t]
+        ious[t] = foreground_iou(s > 0, g > 0)
+        one = [(a, b) for a, b in ((g, s), (s, g))
+               if any(((b[a == i] > 0).mean() <= lacks) for i in np.unique(a[a > 0]))]
+        if one:
+            odd.append(int(t))
+    full = [v for t, v in ious.items() if t not in odd]
+    return {"fg_iou": round(float(np.mean(list(ious.values()))), 4),
+            "fg_iou_same_cells": round(float(np.mean(full)), 4) if full else None,
+            "frames_a_cell_only_one_has": odd, "n_frames": len(ious)}
+
+
 def score(fg, inst, silver, tra, gold, scored):
     """fg: T×Y×X (>0 = cell), inst: T×Y×X tracked ids; ``scored`` = the non-annotated frames."""
     ious = {t: foreground_iou(fg[t], silver[t]) for t in range(len(silver))}
@@ -388,6 +405,10 @@ def main(argv=None):
     targets = check_targets(summary, details)
     print("targets:", json.dumps(targets))
     ceil = None if args.no_ceiling else ceiling(stack, silver, params, log)
+    agree = silver_vs_gold(silver, gold)
+    log(f"silver vs gold: fg IoU {agree['fg_iou']:.3f} on {agree['n_frames']} frames, "
+        f"{agree['fg_iou_same_cells']} where both have the same cells (a cell only one has: frames "
+        f"{agree['frames_a_cell_only_one_has']})")
     payload = {
         "summary": summary,
         "dataset": f"PhC-C2DH-U373/02 (CTC), frames 0..{len(stack) - 1}, 696×520; fg IoU vs silver "
@@ -396,6 +417,7 @@ def main(argv=None):
         "details": details,
         "targets": targets,
         **({"ceiling": ceil} if ceil else {}),
+        "silver_vs_gold": agree,
         "total_s": round(time.perf_counter() - t_start, 1),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "loadavg_at_start": load0,
@@ -437,6 +459,8 @@ def merge(old: dict, new: dict) -> dict:
                                 METHODS.index(r["method"])))
     out = {**new, "summary": summary, "details": details, "targets": check_targets(summary, details),
            **({"ceiling": old["ceiling"]} if "ceiling" in old and "ceiling" not in new else {}),
+           **({"silver_vs_gold": old["silver_vs_gold"]} if "silver_vs_gold" in old and "silver_vs_gold" not in new
+              else {}),
            "total_s": round(old.get("total_s", 0) + new["total_s"], 1),
            "runs": runs + [{**new["machine"], "configs": sorted(keys), "total_s": new["total_s"]}]}
     return out
@@ -559,6 +583,11 @@ def write_md(p, path):
            f"{p['ceiling']['steps']} steps), scores **{p['ceiling']['fg_iou_heldout']:.3f}** fg IoU on the 50 "
            f"others and {p['ceiling']['fg_iou_train_frames']:.3f} on its own training frames "
            f"({p['ceiling']['s']:.0f} s).", ""] if p.get("ceiling") else []),
+        *([f"The challenge's own annotations: silver scores {p['silver_vs_gold']['fg_iou']:.3f} fg IoU against "
+           f"gold on the {p['silver_vs_gold']['n_frames']} gold frames, "
+           f"{p['silver_vs_gold']['fg_iou_same_cells']:.3f} on those where both have the same cells (in frames "
+           f"{p['silver_vs_gold']['frames_a_cell_only_one_has']} a cell of one is missing from the other).", ""]
+          if p.get("silver_vs_gold") else []),
         "Targets: " + ", ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in p["targets"].items()) + ".",
         "",
         "![IoU per frame](images/propagate_iou.png)",

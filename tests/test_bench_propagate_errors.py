@@ -33,3 +33,17 @@ def test_error_parts_split_every_wrong_pixel_once():
     p1[40:70, 100:120] = p1[80:90, 40:50] = False
     want = np.mean([bench.foreground_iou(fg[0], silver[0]), bench.foreground_iou(p1, silver[1])])
     assert e["fg_iou_without_objects_gt_lacks"] == pytest.approx(want, abs=1e-4)
+
+
+def test_silver_vs_gold_names_the_frames_where_a_cell_is_only_in_one():
+    silver = np.zeros((3, 40, 40), np.int32)
+    silver[:, 5:15, 5:15] = 1
+    silver[:, 20:30, 20:30] = 2
+    gold = {0: silver[0].copy(), 1: silver[1].copy(), 2: silver[2].copy()}
+    gold[1][20:30, 20:30] = 0           # frame 1: gold lacks silver's second cell
+    gold[2][5:15, 5:16] = 1             # frame 2: gold traces the first cell 1 px wider
+    a = bench.silver_vs_gold(silver, gold)
+    assert a["frames_a_cell_only_one_has"] == [1]
+    assert a["n_frames"] == 3
+    assert a["fg_iou"] == pytest.approx((1 + 100 / 200 + 200 / 210) / 3, abs=1e-4)
+    assert a["fg_iou_same_cells"] == pytest.approx((1 + 200 / 210) / 2, abs=1e-4)

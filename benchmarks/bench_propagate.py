@@ -24,6 +24,11 @@ on every other silver frame (0, 2, ..., 98: 50 annotated frames) for ``CEILING_S
 scored on the 50 others, and on its own training frames. No propagation from one or two annotated
 frames can be expected to beat what this network learns from fifty.
 
+Where the errors are (``errors`` in each method's scores, ``error_parts``): the wrong pixels near
+silver's boundary, in objects the ground truth lacks, and the rest, with the fg IoU an oracle removing
+those objects would give. How far the challenge's own annotations agree (``silver_vs_gold``): silver's
+fg IoU against gold on the gold frames.
+
 Scores: ``fg_iou`` = mean foreground IoU vs silver over the frames that were not
 annotated (a corrected frame counts with its IoU, 1.0); ``seg`` = CTC SEG vs gold on
 the 17 gold frames; ``links_correct`` = fraction of GT links (a TRA cell present in
@@ -585,8 +590,10 @@ def write_md(p, path):
            f"({p['ceiling']['s']:.0f} s).", ""] if p.get("ceiling") else []),
         *([f"The challenge's own annotations: silver scores {p['silver_vs_gold']['fg_iou']:.3f} fg IoU against "
            f"gold on the {p['silver_vs_gold']['n_frames']} gold frames, "
-           f"{p['silver_vs_gold']['fg_iou_same_cells']:.3f} on those where both have the same cells (in frames "
-           f"{p['silver_vs_gold']['frames_a_cell_only_one_has']} a cell of one is missing from the other).", ""]
+           + (f"{p['silver_vs_gold']['fg_iou_same_cells']:.3f} on those where both have the same cells"
+              if p["silver_vs_gold"]["fg_iou_same_cells"] is not None else "none of them with the same cells in both")
+           + f" (in frames {p['silver_vs_gold']['frames_a_cell_only_one_has']} a cell of one is missing from the "
+             "other).", ""]
           if p.get("silver_vs_gold") else []),
         "Targets: " + ", ".join(f"{k}: {'met' if v else '**missed**'}" for k, v in p["targets"].items()) + ".",
         "",

@@ -359,7 +359,16 @@ def test_walks_cover_each_frame_once_from_the_anchor_that_owns_it(direction):
             # a walk goes frame by frame away from its anchor
             assert c.frames == [c.anchor + c.direction * (k + 1) for k in range(len(c.frames))]
         for t in frames:
-            want = owner(anchors, t, direction)
+            before = [a for a in anchors if a < t]
+            after = [a for a in anchors if a > t]
+            if direction == "forward" or not after:
+                nearest = before[-1] if before and direction != "backward" else None
+            elif direction == "backward" or not before:
+                nearest = after[0]
+            else:  # both: the nearer anchor, the earlier one on a tie
+                nearest = before[-1] if t - before[-1] <= after[0] - t else after[0]
+            want = owner(anchors, T, t, direction)
+            assert want == nearest, (anchors, t, direction)
             got = [c.anchor for c in chains if t in c.frames]
             assert got == ([] if want is None else [want]), (anchors, t, direction)
         if direction == "both":
@@ -369,7 +378,7 @@ def test_walks_cover_each_frame_once_from_the_anchor_that_owns_it(direction):
                     assert abs(t - c.anchor) == min(abs(t - a) for a in anchors)
         # only the walks from `starts`, each cut after the last frame it must compute
         start = anchors[-1]
-        some = {t for t in frames if owner(anchors, t, direction) == start}
+        some = {t for t in frames if owner(anchors, T, t, direction) == start}
         part = plan_walks(anchors, T, some, direction, starts={start})
         assert {t for c in part for t in c.frames} >= some and all(c.anchor == start for c in part)
         assert all(c.frames[-1] in some for c in part)

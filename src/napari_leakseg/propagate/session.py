@@ -435,7 +435,7 @@ class Propagator:
             starts = None
             if self.status[t] in ANCHOR:
                 starts = {a for a in self._fresh | {t} if self.change.get(a, 1.0) >= corrections.MIN_CHANGE}
-                frames = [f for f in frames if owner(self.anchors, f, direction) in starts]
+                frames = [f for f in frames if owner(self.anchors, self.shape[0], f, direction) in starts]
             res = yield from self.iter_run(direction, frames=frames, starts=starts)
         finally:
             self._old, self._old_conf = None, {}

@@ -51,14 +51,8 @@ def plan_walks(anchors: Sequence[int], n_frames: int, frames: set[int], directio
     return chains
 
 
-def owner(anchors: Sequence[int], f: int, direction: str) -> Optional[int]:
-    """The anchor whose walk computes frame ``f`` (the nearest one in *both* mode, as
-    :func:`plan_walks` splits the gaps); None when no walk reaches it."""
-    before = [a for a in anchors if a < f]
-    after = [a for a in anchors if a > f]
-    if direction == "forward" or (direction == "both" and not after):
-        return before[-1] if before else None
-    if direction == "backward" or not before:
-        return after[0] if after else None
-    gap = list(range(before[-1] + 1, after[0]))
-    return before[-1] if f in gap[: (len(gap) + 1) // 2] else after[0]
+def owner(anchors: Sequence[int], n_frames: int, f: int, direction: str) -> Optional[int]:
+    """The anchor whose walk computes frame ``f`` (a non-anchor frame): the walk
+    :func:`plan_walks` sends through it; None when no walk reaches it."""
+    chains = plan_walks(anchors, n_frames, {int(f)}, direction)
+    return chains[0].anchor if chains else None

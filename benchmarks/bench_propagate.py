@@ -109,12 +109,11 @@ def error_parts(fg, silver, scored, near: int = NEAR, lacks: float = LACKS) -> d
         p, s = np.asarray(fg[t]) > 0, silver[t] > 0
         band = ndi.binary_dilation(s, iterations=near) & ~ndi.binary_erosion(s, iterations=near, border_value=1)
         lab, n = ndi.label(p)
-        lacking = np.zeros(n + 1, bool)
+        area = np.bincount(lab.ravel(), minlength=n + 1)
+        lacking = np.bincount(lab.ravel(), weights=s.ravel(), minlength=n + 1) <= lacks * area
+        lacking[0] = False
         at_border = np.zeros(n + 1, bool)
-        for i, sl in enumerate(ndi.find_objects(lab), 1):
-            m = lab[sl] == i
-            lacking[i] = s[sl][m].mean() <= lacks
-            at_border[i] = any(a.start == 0 or a.stop == d for a, d in zip(sl, s.shape))
+        at_border[np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])] = True
         gone = lacking[lab]
         wrong = p != s
         parts["boundary"] += int((wrong & band).sum())
